@@ -1,0 +1,1 @@
+"""moshi_eval: long-context audio cross-entropy of a streaming Moshi model (LibriLight audiobooks)."""

@@ -1,0 +1,234 @@
+"""Mimi codes of audiobooks: chunked streaming encoding, silence codes, and an on-disk code cache.
+
+A chapter is encoded with Mimi in streaming mode, `chunk_frames` whole frames at a time, so the encoder's
+activations stay bounded on hour-long chapters (one-shot `mimi.encode` attends over the whole chapter).
+Streaming Mimi only takes whole frames of `mimi.frame_size` samples (1920 at 24 kHz, 12.5 Hz): the end of
+a chapter is padded with zeros to a whole frame, which is also what one-shot `mimi.encode` does, so the
+result equals `mimi.encode(wav)` (tests/test_codes.py checks it). Each chapter starts from a fresh
+streaming state; the book's codes are its chapters' codes concatenated.
+"""
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+import tempfile
+import typing as tp
+
+import numpy as np
+import torch
+from moshi.models.compression import MimiModel
+
+from .data import AudioReadError, Book, read_audio
+
+logger = logging.getLogger(__name__)
+
+FRAME_SIZE_HINT = 1920
+"""Mimi's frame: `mimi.frame_size` samples (1920 at 24 kHz and 12.5 Hz). Always read it from the model."""
+
+_CACHE_FORMAT = 1  # bump when the stored layout or the encoding procedure changes
+
+
+def _check_codebooks(mimi: MimiModel, num_codebooks: int | None) -> None:
+    if num_codebooks is not None and mimi.num_codebooks != num_codebooks:
+        raise ValueError(
+            f"mimi: expected a codec set to {num_codebooks} codebooks (mimi.set_num_codebooks), "
+            f"got {mimi.num_codebooks}")
+
+
+def codec_identity(mimi: MimiModel) -> str:
+    """Stable sha256 hex digest of the codec: class, sample/frame rate, active codebooks, cardinality, and
+    every entry of the state dict (name, dtype, shape, bytes). Cache key component: any weight change or
+    `set_num_codebooks` gives a new identity. Hashes all weights: ~1 s for the real Mimi on CPU."""
+    h = hashlib.sha256()
+    header = {
+        "format": _CACHE_FORMAT,
+        "class": f"{type(mimi).__module__}.{type(mimi).__qualname__}",
+        "sample_rate": mimi.sample_rate,
+        "frame_rate": mimi.frame_rate,
+        "frame_size": mimi.frame_size,
+        "num_codebooks": mimi.num_codebooks,
+        "cardinality": mimi.cardinality,
+    }
+    h.update(json.dumps(header, sort_keys=True).encode())
+    for name, tensor in sorted(mimi.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def encode_audio(mimi: MimiModel, wav: np.ndarray, chunk_frames: int = 250,
+                 num_codebooks: int | None = None) -> torch.Tensor:
+    """Mimi codes `[n_q, T]` int64 on CPU of `wav` `[S]` float32 mono at `mimi.sample_rate`.
+
+    T = ceil(S / frame_size): the last frame is zero padded. Streaming Mimi, `chunk_frames` frames per
+    call; equal to one-shot `mimi.encode(wav[None, None])`. `mimi` must not be streaming already.
+
+    Args:
+        num_codebooks: when given, raise ValueError unless `mimi.num_codebooks` equals it (the LM expects
+            8 for Moshi: whoever builds Mimi must call `mimi.set_num_codebooks(8)`).
+    """
+    wav = np.asarray(wav)
+    if wav.ndim != 1 or wav.shape[0] == 0:
+        raise ValueError(f"wav: expected a non-empty 1-D array [samples], got shape {wav.shape}")
+    if not np.issubdtype(wav.dtype, np.floating):
+        raise ValueError(f"wav: expected float samples, got dtype {wav.dtype}")
+    if not isinstance(chunk_frames, int) or chunk_frames < 1:
+        raise ValueError(f"chunk_frames: expected a positive integer, got {chunk_frames!r}")
+    _check_codebooks(mimi, num_codebooks)
+    if mimi.is_streaming:
+        raise RuntimeError("mimi is already in streaming mode: encode_audio needs a fresh streaming state")
+    frame = mimi.frame_size
+    frames = -(-wav.shape[0] // frame)
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    x = torch.nn.functional.pad(x, (0, frames * frame - wav.shape[0]))
+    device = next(mimi.parameters()).device
+    dtype = next(mimi.parameters()).dtype
+    chunk = chunk_frames * frame
+    out: list[torch.Tensor] = []
+    with mimi.streaming(1):
+        for start in range(0, x.shape[0], chunk):
+            piece = x[start: start + chunk].to(device=device, dtype=dtype)[None, None]
+            out.append(mimi.encode(piece)[0].to("cpu", torch.int64))
+    codes = torch.cat(out, dim=-1)
+    assert codes.shape[-1] == frames, (codes.shape, frames)  # internal invariant, not a user error
+    return codes
+
+
+def silence_codes(mimi: MimiModel, frames: int, chunk_frames: int = 250) -> torch.Tensor:
+    """Mimi codes `[n_q, frames]` int64 of `frames` frames of digital silence (zeros) from a fresh state.
+
+    The first frames differ from the steady state (causal convolutions warming up), like the start of a
+    real silent user stream."""
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames: expected a positive integer, got {frames!r}")
+    return encode_audio(mimi, np.zeros(frames * mimi.frame_size, dtype=np.float32), chunk_frames)
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+class CodeCache:
+    """On-disk cache of a chapter's Mimi codes, keyed on the audio file's content and the codec identity.
+
+    Entry: `<root>/<codec_id[:16]>/<sha256(content_sha256 + codec_id)>.pt`, a torch file holding the codes
+    and what they were made from. Writes are atomic (temporary file + `os.replace`), so an interrupted
+    run never leaves a truncated entry under the final name; an unreadable or mismatching entry counts as
+    a miss (with a warning) and is rewritten by the next `put`.
+
+    Attributes:
+        hits, misses: counts of `get` calls that found / did not find a valid entry.
+    """
+
+    def __init__(self, root: str | Path, codec_id: str) -> None:
+        if not codec_id or not isinstance(codec_id, str):
+            raise ValueError(f"codec_id: expected a non-empty string, got {codec_id!r}")
+        self.root = Path(root)
+        self.codec_id = codec_id
+        self.hits = 0
+        self.misses = 0
+        # content hash memo: path -> ((size, mtime_ns), sha256), so get + put hash a file once
+        self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
+
+    def _content_hash(self, audio_path: Path) -> str:
+        path = Path(audio_path).resolve()
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise AudioReadError(path, f"cannot stat file for the code cache: {exc}") from exc
+        stamp = (st.st_size, st.st_mtime_ns)
+        memo = self._hashes.get(path)
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
+        digest = file_sha256(path)
+        self._hashes[path] = (stamp, digest)
+        return digest
+
+    def entry_path(self, audio_path: Path) -> Path:
+        """Where the codes of `audio_path` are (or would be) stored."""
+        key = hashlib.sha256(f"{self._content_hash(audio_path)}|{self.codec_id}".encode()).hexdigest()
+        return self.root / self.codec_id[:16] / f"{key}.pt"
+
+    def get(self, audio_path: Path) -> torch.Tensor | None:
+        """The cached codes `[n_q, T]` int64 of `audio_path`, or None (a miss)."""
+        entry = self.entry_path(audio_path)
+        if not entry.is_file():
+            self.misses += 1
+            return None
+        try:
+            payload = torch.load(entry, map_location="cpu", weights_only=True)
+            codes = payload["codes"]
+            ok = (payload.get("codec_id") == self.codec_id and isinstance(codes, torch.Tensor)
+                  and codes.dtype == torch.int64 and codes.dim() == 2 and codes.shape[-1] > 0)
+        except Exception as exc:  # corrupt or foreign file: re-encode rather than fail the run
+            logger.warning("code cache entry %s unreadable (%s): re-encoding %s", entry, exc, audio_path)
+            ok = False
+        else:
+            if not ok:
+                logger.warning("code cache entry %s does not match: re-encoding %s", entry, audio_path)
+        if not ok:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return codes
+
+    def put(self, audio_path: Path, codes: torch.Tensor) -> None:
+        """Store `codes` `[n_q, T]` int64 for `audio_path`, atomically."""
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype != torch.int64:
+            raise ValueError(f"codes: expected an int64 tensor [n_q, T], got "
+                             f"{getattr(codes, 'dtype', type(codes))} {tuple(getattr(codes, 'shape', ()))}")
+        entry = self.entry_path(audio_path)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"codes": codes.detach().to("cpu").contiguous(), "codec_id": self.codec_id,
+                   "source": str(audio_path), "content_sha256": self._content_hash(audio_path),
+                   "format": _CACHE_FORMAT}
+        fd, tmp = tempfile.mkstemp(prefix=entry.name + ".", suffix=".tmp", dir=entry.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, entry)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def encode_book(mimi: MimiModel, book: Book, cache: CodeCache | None = None, chunk_frames: int = 250,
+                num_codebooks: int | None = None,
+                on_chapter: tp.Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Codes `[n_q, T]` int64 of a book: each chapter read at `mimi.sample_rate`, encoded from a fresh
+    streaming state (or taken from `cache`), concatenated in chapter order.
+
+    Args:
+        on_chapter: called as `on_chapter(index, codes)` after each chapter (progress reporting).
+    Raises:
+        AudioReadError: a chapter file cannot be read; names the file.
+    """
+    _check_codebooks(mimi, num_codebooks)
+    if not book.chapters:
+        raise ValueError(f"book: {book.speaker}/{book.book} has no chapters")
+    parts: list[torch.Tensor] = []
+    for index, chapter in enumerate(book.chapters):
+        codes = cache.get(chapter.path) if cache is not None else None
+        if codes is not None and codes.shape[0] != mimi.num_codebooks:
+            codes = None  # codec_id covers num_codebooks; this is only a guard against a foreign cache
+        if codes is None:
+            wav = read_audio(chapter.path, mimi.sample_rate)
+            codes = encode_audio(mimi, wav, chunk_frames)
+            if cache is not None:
+                cache.put(chapter.path, codes)
+        parts.append(codes)
+        if on_chapter is not None:
+            on_chapter(index, codes)
+    return torch.cat(parts, dim=-1)
+
+
+__all__ = ["FRAME_SIZE_HINT", "CodeCache", "codec_identity", "encode_audio", "encode_book", "file_sha256",
+           "silence_codes"]

@@ -1,0 +1,229 @@
+"""LibriLight-layout audiobooks: discovery, selection, and audio reading at Mimi's sample rate.
+
+Layout: `<root>/<speaker>/<book>/<chapter>.<ext>` with `<ext>` one of `AUDIO_EXTENSIONS`, and optionally
+`<chapter>.json` beside each audio file (LibriLight's per-file metadata). One book is one eval sequence:
+its chapters in natural order ("2" before "10").
+
+Audio is decoded with `sphn.read` and resampled here, with a windowed-sinc polyphase filter, rather than
+with `sphn.read(..., sample_rate=)` / `sphn.resample`: sphn's resampler (as of sphn 0.2) delays the signal
+by a fixed number of samples and drops the same amount at the end (768 samples at 24 kHz for 16 -> 24 kHz),
+so lengths and alignment would be off.
+"""
+from dataclasses import dataclass
+import json
+import math
+from pathlib import Path
+import re
+import typing as tp
+
+import numpy as np
+import sphn
+import torch
+
+AUDIO_EXTENSIONS = (".flac", ".mp3", ".wav", ".ogg")
+
+
+class DataError(ValueError):
+    """A problem with the audio data given to the eval: the message names the path and what was wrong."""
+
+
+class AudioReadError(DataError):
+    """An audio file that cannot be read (missing, corrupt, unsupported, or without samples)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot read audio file {self.path}: {reason}")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key putting "2" before "10": digit runs compare as integers, the rest as lowercase text."""
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(p), p) if p.isdigit() else (1, p.lower(), p) for p in parts if p != "")
+
+
+@dataclass
+class Chapter:
+    """One audio file of a book, with the parsed `.json` metadata beside it (None when there is none)."""
+    path: Path
+    metadata: dict | None = None
+
+
+@dataclass
+class Book:
+    """One LibriLight book: `chapters` in natural order. It is one eval sequence."""
+    speaker: str
+    book: str
+    chapters: list[Chapter]
+
+    @property
+    def sequence_id(self) -> str:
+        """Filesystem-safe id, unique across books of one root: `{speaker}__{book}` with other characters
+        than `[A-Za-z0-9._-]` replaced by `_`, plus a short hash of the raw names when that changed them
+        (so two distinct names that sanitize alike still get distinct ids)."""
+        raw = f"{self.speaker}__{self.book}"
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", raw)
+        if safe != raw or safe.startswith("."):
+            import hashlib
+            safe = f"{safe.lstrip('.') or 'book'}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
+        return safe
+
+
+def _read_metadata(audio_path: Path) -> dict | None:
+    """The `.json` beside `audio_path`, or None when there is none.
+
+    A metadata file that exists but is not a JSON object raises DataError naming it: a corrupt file is a
+    broken dataset, and silently dropping it would hide that (policy chosen over warn-and-ignore)."""
+    meta_path = audio_path.with_suffix(".json")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"corrupt metadata file {meta_path}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"metadata file {meta_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def discover_books(audio_dir: str | Path) -> list[Book]:
+    """All books under `audio_dir` in LibriLight layout `<root>/<speaker>/<book>/<chapter>.<ext>`.
+
+    Books are sorted by (speaker, book) and chapters by file name, both in natural order. Hidden entries
+    (names starting with ".") are skipped; book folders without audio files are skipped.
+
+    Raises:
+        DataError: `audio_dir` missing, not a directory, empty, or with no audio file in the layout;
+            a corrupt `.json` metadata file.
+    """
+    root = Path(audio_dir)
+    if not root.exists():
+        raise DataError(f"audio dir {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"audio dir {root} is not a directory")
+    if not any(root.iterdir()):
+        raise DataError(f"audio dir {root} is empty")
+    speakers = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: natural_key(p.name))
+    books: list[Book] = []
+    for speaker in speakers:
+        book_dirs = sorted((p for p in speaker.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                           key=lambda p: natural_key(p.name))
+        for book_dir in book_dirs:
+            files = sorted((p for p in book_dir.iterdir()
+                            if p.is_file() and not p.name.startswith(".")
+                            and p.suffix.lower() in AUDIO_EXTENSIONS),
+                           key=lambda p: natural_key(p.name))
+            if files:
+                chapters = [Chapter(path=f, metadata=_read_metadata(f)) for f in files]
+                books.append(Book(speaker=speaker.name, book=book_dir.name, chapters=chapters))
+    if not books:
+        stray = [p.name for p in root.iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS][:3]
+        hint = (f" (audio files found directly in it, e.g. {stray}: they must be in "
+                f"<speaker>/<book>/ subfolders)" if stray else "")
+        raise DataError(
+            f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in LibriLight layout "
+            f"<root>/<speaker>/<book>/<chapter> under {root}{hint}")
+    return books
+
+
+def select_books(books: list[Book], num_books: int | None = None,
+                 max_chapters: int | None = None) -> list[Book]:
+    """The first `num_books` books (all when None), each cut to its first `max_chapters` chapters.
+
+    Raises:
+        ValueError: `num_books` or `max_chapters` not a positive integer.
+    """
+    for name, value in (("num_books", num_books), ("max_chapters", max_chapters)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+    chosen = books if num_books is None else books[:num_books]
+    return [Book(b.speaker, b.book, list(b.chapters if max_chapters is None else b.chapters[:max_chapters]))
+            for b in chosen]
+
+
+def _sinc_filters(up: int, down: int, zeros: int, rolloff: float) -> tuple[torch.Tensor, int]:
+    """Polyphase windowed-sinc filters `[K, up]` (float32) and their half width `width` (input samples).
+
+    Output frame k, phase p is the input at time `k * down + p * down / up`; its filter reads the input
+    samples `k * down - width + j`, j in [0, K), with K = 2 * width + down + 1 covering every phase.
+    """
+    cutoff = min(1.0, up / down) * rolloff  # as a fraction of the input Nyquist frequency
+    width = math.ceil(zeros / cutoff)
+    taps = torch.arange(-width, width + down + 1, dtype=torch.float64)
+    offsets = torch.arange(up, dtype=torch.float64)[:, None] * down / up
+    t = taps[None, :] - offsets
+    window = torch.where(t.abs() <= width, torch.cos(math.pi * t / (2 * width)) ** 2, torch.zeros_like(t))
+    filters = cutoff * torch.special.sinc(cutoff * t) * window
+    return filters.t().contiguous().float(), width
+
+
+def resample(wav: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Band-limited resampling of `wav` `[T]` float32 from `src_rate` to `dst_rate`: `[ceil(T * dst / src)]`.
+
+    No delay: output sample n is the input interpolated at time n / dst_rate. Anti-aliasing lowpass at
+    0.945 of the lower Nyquist frequency (Hann-windowed sinc, 24 zero crossings). Zero padding at the ends.
+    """
+    if wav.ndim != 1:
+        raise ValueError(f"wav: expected a 1-D array [T], got shape {wav.shape}")
+    if src_rate <= 0 or dst_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got src_rate={src_rate}, dst_rate={dst_rate}")
+    g = math.gcd(int(src_rate), int(dst_rate))
+    up, down = int(dst_rate) // g, int(src_rate) // g
+    if up == down:
+        return wav.astype(np.float32, copy=False)
+    length = wav.shape[0]
+    out_len = -(-length * up // down)
+    frames = -(-out_len // up)
+    filters, width = _sinc_filters(up, down, zeros=24, rolloff=0.945)
+    # Polyphase as a plain conv: input sample k * down + r goes to channel r, position k, so that each
+    # output frame k is conv1d(in=down channels, out=up phases, kernel=kq) at position k (stride 1).
+    kq = -(-filters.shape[0] // down)
+    weight = torch.nn.functional.pad(filters, (0, 0, 0, kq * down - filters.shape[0]))  # [kq*down, up]
+    weight = weight.reshape(kq, down, up).permute(2, 1, 0).contiguous()  # [up, down, kq]
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    total = (frames + kq - 1) * down
+    x = torch.nn.functional.pad(x, (width, max(0, total - width - length)))[:total]
+    x = x.reshape(frames + kq - 1, down).t()  # [down, frames + kq - 1]
+    out = torch.empty(frames, up, dtype=torch.float32)
+    block = 1 << 18  # output frames per conv call: bounded memory on hour-long files
+    for start in range(0, frames, block):
+        stop = min(frames, start + block)
+        y = torch.nn.functional.conv1d(x[None, :, start: stop + kq - 1], weight)  # [1, up, n]
+        out[start:stop] = y[0].t()
+    return out.reshape(-1)[:out_len].numpy()
+
+
+def read_audio(path: str | Path, sample_rate: int = 24000) -> np.ndarray:
+    """Decode `path` with sphn as mono float32 `[T]` at `sample_rate` (channels averaged, resampled).
+
+    Raises:
+        AudioReadError: missing, unreadable or corrupt file, or a file with no samples; names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioReadError(path, "no such file")
+    try:
+        data, src_rate = sphn.read(str(path))
+    except Exception as exc:  # sphn raises ValueError/OSError with the decoder's message
+        raise AudioReadError(path, str(exc)) from exc
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 1:
+        data = data[None]
+    if data.ndim != 2 or data.shape[-1] == 0:
+        raise AudioReadError(path, f"no audio samples (decoded shape {tuple(data.shape)})")
+    if not np.isfinite(data).all():
+        raise AudioReadError(path, "decoded samples contain NaN or inf")
+    mono = data.mean(axis=0) if data.shape[0] > 1 else data[0]
+    return resample(mono, int(src_rate), int(sample_rate))
+
+
+def chapter_duration(chapter: Chapter) -> float | None:
+    """Duration in seconds from the file header via `sphn.durations` (None when it cannot be read)."""
+    return sphn.durations([str(chapter.path)])[0]
+
+
+__all__: tp.Sequence[str] = [
+    "AUDIO_EXTENSIONS", "AudioReadError", "Book", "Chapter", "DataError", "discover_books", "natural_key",
+    "read_audio", "resample", "select_books", "chapter_duration",
+]

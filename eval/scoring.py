@@ -1,0 +1,269 @@
+"""Per-frame audio cross-entropy of a streaming Moshi model on teacher-forced audio.
+
+The codes of a sequence go in the model's own audio stream (teacher forced, frame by frame, through
+`moshi_patch.LMGen.step_with_logits`), so the loss is that of the model *in its streaming state*: KV cache
+and any stateful layer (TTT) as they are after the frames before. Nothing but per-frame losses is kept:
+memory does not grow with the number of frames.
+
+Conventions (DESIGN.md, section 2 and 5):
+- at step `s` the forced tokens are frame `s` of the codes (undelayed); the user tokens are frame `s - 1`
+  of the user stream (what is passed at step 0 is ignored);
+- `step_with_logits` returns frame `s - max_delay` at step `s`: after the last frame, `max_delay` more
+  steps flush the logits of the last frames. During those steps, and after a shorter sequence of a batch
+  has ended, its audio is forced to the zero token (-1, "no input"): this is what `LMModel.forward` sees
+  for codes padded with -1, and those frames are never scored.
+"""
+from contextlib import ExitStack
+from dataclasses import dataclass
+import typing as tp
+
+import numpy as np
+from moshi.utils.compile import no_compile
+import torch
+from tqdm import tqdm
+
+from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT, audio_cross_entropy
+
+USER_STREAMS = ("silence", "zero")
+TEXT_MODES = ("predicted", "pad")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Non-finite logits or cross-entropy at a scored frame; the message names the sequence and frame."""
+
+    def __init__(self, message: str, sequence_id: str, frame: int) -> None:
+        super().__init__(message)
+        self.sequence_id = sequence_id
+        self.frame = frame
+
+
+@dataclass
+class FrameLoss:
+    """Losses of one frame for every sequence of the batch (CPU tensors)."""
+    frame: int                        # frame index t (0-based): predicted from frames [0, t)
+    valid: torch.Tensor               # [B] bool: t < length of the sequence; other entries are NaN / -1
+    codebook_ce: torch.Tensor         # [B, K] float32
+    audio_ce: torch.Tensor            # [B] float32
+    audio_ce_weighted: torch.Tensor   # [B] float32
+    text_token: torch.Tensor          # [B] int64: the text token of frame t (predicted or forced)
+
+
+@dataclass
+class SequenceScores:
+    """All per-frame losses of one sequence, as numpy arrays (what `<out>/sequences/<id>.npz` holds)."""
+    index: int                 # position of the sequence in the batch / list given to `score`
+    sequence_id: str
+    audio_ce: np.ndarray           # [T] float32
+    audio_ce_weighted: np.ndarray  # [T] float32
+    codebook_ce: np.ndarray        # [K, T] float32
+    text_token: np.ndarray         # [T] int64
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.audio_ce.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"audio_ce": self.audio_ce, "audio_ce_weighted": self.audio_ce_weighted,
+                "codebook_ce": self.codebook_ce, "text_token": self.text_token}
+
+
+def _as_batch(codes: torch.Tensor | tp.Sequence[torch.Tensor], num_codebooks: int, card: int,
+              lengths: tp.Sequence[int] | None, sequence_ids: list[str]
+              ) -> tuple[torch.Tensor, list[int]]:
+    """Codes `[B, K, T]` or a list of `[K, T_i]` -> padded `[B, K, T_max]` (pad -1) and the lengths."""
+    if isinstance(codes, torch.Tensor):
+        if codes.dim() != 3:
+            raise ValueError(f"codes must be [B, {num_codebooks}, T] or a list of [{num_codebooks}, T_i], "
+                             f"got a tensor of shape {tuple(codes.shape)}.")
+        items = list(codes)
+        if lengths is not None:
+            if len(lengths) != len(items):
+                raise ValueError(f"lengths has {len(lengths)} entries for a batch of {len(items)} sequences.")
+            for i, n in enumerate(lengths):
+                if not 0 < n <= codes.shape[-1]:
+                    raise ValueError(f"lengths[{i}] = {n} must be in [1, {codes.shape[-1]}].")
+            items = [item[:, :n] for item, n in zip(items, lengths)]
+    else:
+        items = list(codes)
+        if lengths is not None:
+            raise ValueError("lengths is only for a padded [B, K, T] codes tensor; a list has its own lengths.")
+    if not items:
+        raise ValueError("codes holds no sequence.")
+    for i, item in enumerate(items):
+        name = sequence_ids[i]
+        if not isinstance(item, torch.Tensor) or item.dim() != 2 or item.shape[0] != num_codebooks:
+            shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+            raise ValueError(f"{name}: codes must have {num_codebooks} codebooks (the model's dep_q), shape "
+                             f"[{num_codebooks}, T], got {shape}.")
+        if item.dtype.is_floating_point:
+            raise ValueError(f"{name}: codes must hold integer tokens, got dtype {item.dtype}.")
+        if item.shape[1] == 0:
+            raise ValueError(f"{name}: sequence has no frame.")
+        if item.numel() and (item.min() < 0 or item.max() >= card):
+            raise ValueError(f"{name}: codes must be tokens in [0, card={card}), got values in "
+                             f"[{int(item.min())}, {int(item.max())}].")
+    lens = [int(item.shape[1]) for item in items]
+    batch = torch.full((len(items), num_codebooks, max(lens)), -1, dtype=torch.long)
+    for i, item in enumerate(items):
+        batch[i, :, : lens[i]] = item.cpu()
+    return batch, lens
+
+
+def _user_tokens(user_stream: str, silence: torch.Tensor | None, num_user: int) -> torch.Tensor | None:
+    """Silence codes as `[num_user, n]` (the last column repeats beyond n), or None for the zero stream."""
+    if user_stream not in USER_STREAMS:
+        raise ValueError(f"user_stream must be one of {USER_STREAMS}, got {user_stream!r}.")
+    if user_stream == "zero":
+        return None
+    if silence is None:
+        raise ValueError("user_stream='silence' needs `silence`: the Mimi codes of digital silence, "
+                         f"[{num_user}, n] or [{num_user}] (see moshi_eval.codes.silence_codes).")
+    if silence.dim() == 1:
+        silence = silence[:, None]
+    if silence.dim() != 2 or silence.shape[0] != num_user or silence.shape[1] == 0:
+        raise ValueError(f"silence must have shape [{num_user}, n] or [{num_user}] (the user stream's "
+                         f"codebooks), got {tuple(silence.shape)}.")
+    if silence.dtype.is_floating_point:
+        raise ValueError(f"silence must hold integer tokens, got dtype {silence.dtype}.")
+    return silence.long()
+
+
+def score(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_stream: str = "silence",
+          text: str = "predicted", silence: torch.Tensor | None = None, max_frames: int | None = None,
+          progress: bool = True, first_codebook_weight: float = DEFAULT_FIRST_CODEBOOK_WEIGHT,
+          lengths: tp.Sequence[int] | None = None, sequence_ids: tp.Sequence[str] | None = None,
+          ) -> tp.Iterator[FrameLoss]:
+    """Stream a batch of sequences through `lm_gen` and yield the audio cross-entropy of each frame.
+
+    Args:
+        lm_gen: a `moshi_patch.LMGen`, not streaming yet (this opens `lm_gen.streaming(B)`).
+        codes: `[B, K, T]` (all sequences as long, unless `lengths`) or a list of `[K, T_i]`;
+            K = `lm_model.dep_q`, tokens in `[0, card)`.
+        user_stream: "silence" (the user stream holds `silence`) or "zero" (-1: no input).
+        text: "predicted" (the model's argmax: needs `use_sampling=False`) or "pad" (forced to
+            `lm_model.text_padding_token_id`).
+        silence: for "silence", Mimi codes of digital silence `[n_q - dep_q, n]` or `[n_q - dep_q]`; user
+            frame f is column `min(f, n - 1)` (silence codes are constant after a few frames).
+        max_frames: score at most this many frames of each sequence.
+        progress: show a tqdm bar (scored frames, frames/s) on stderr.
+        first_codebook_weight: weight of codebook 0 in `audio_ce_weighted`.
+        lengths: for a padded `[B, K, T]` tensor, the length of each sequence.
+        sequence_ids: names used in error messages (default "sequence <i>").
+    Yields:
+        `FrameLoss` for frames 0, 1, ... up to the longest length, in order. A sequence shorter than the
+        longest keeps being streamed (forced to the zero token) but its frames beyond its length are
+        marked invalid and never counted.
+    Raises:
+        ValueError: bad arguments (named); NonFiniteLossError: non-finite logits or loss at a scored frame.
+    """
+    lm_model = lm_gen.lm_model
+    K, card = lm_model.dep_q, lm_model.card
+    if K == 0:
+        raise ValueError("the model has no audio codebooks to score (dep_q == 0).")
+    if text not in TEXT_MODES:
+        raise ValueError(f"text must be one of {TEXT_MODES}, got {text!r}.")
+    if text == "predicted" and lm_gen.use_sampling:
+        raise ValueError("text='predicted' scores against the model's argmax text: build the LMGen with "
+                         "use_sampling=False (got use_sampling=True).")
+    if max_frames is not None and max_frames <= 0:
+        raise ValueError(f"max_frames must be positive, got {max_frames}.")
+    if isinstance(codes, torch.Tensor) and codes.dim() != 3:
+        raise ValueError(f"codes must be [B, {K}, T] or a list of [{K}, T_i], got a tensor of shape "
+                         f"{tuple(codes.shape)}.")
+    num = len(codes)
+    ids = list(sequence_ids) if sequence_ids is not None else [f"sequence {i}" for i in range(num)]
+    if len(ids) != num:
+        raise ValueError(f"sequence_ids has {len(ids)} names for {num} sequences.")
+    batch, lens = _as_batch(codes, K, card, lengths, ids)
+    if max_frames is not None:
+        lens = [min(n, max_frames) for n in lens]
+        batch = batch[:, :, : max(lens)]
+    num_user = lm_model.n_q - lm_model.dep_q
+    user = _user_tokens(user_stream, silence, num_user)
+
+    device = lm_model.device
+    B, T = batch.shape[0], max(lens)
+    delay = lm_gen.max_delay
+    lens_t = torch.tensor(lens, device=device)
+    # Codes padded with the zero token after each sequence's end and for the `max_delay` flush steps.
+    forced_audio = torch.full((B, K, T + delay), lm_model.zero_token_id, dtype=torch.long, device=device)
+    forced_audio[:, :, :T] = batch[:, :, :T].to(device)
+    text_value = lm_model.ungenerated_token_id if text == "predicted" else lm_model.text_padding_token_id
+    text_col = torch.full((B, 1), text_value, dtype=torch.long, device=device)
+    if user is None:
+        user_step = torch.full((B, num_user, 1), lm_model.zero_token_id, dtype=torch.long, device=device)
+    else:
+        user = user.to(device)
+
+    with ExitStack() as stack:
+        if device.type != "cuda":
+            # Moshi compiles a few small functions (RMSNorm, rope, gating) lazily; on a CPU compiling costs
+            # tens of seconds per batch shape and saves nothing.
+            stack.enter_context(no_compile())
+        bar = stack.enter_context(tqdm(total=sum(lens), unit="frame", disable=not progress, desc="scoring",
+                                       smoothing=0.1, dynamic_ncols=True))
+        stack.enter_context(lm_gen.streaming(B))
+        for step in range(T + delay):
+            forced = torch.cat([text_col, forced_audio[:, :, step]], dim=1)[:, :, None]
+            if user is not None:
+                # User frame step - 1 goes in at this step (DESIGN.md 2); step 0's input is ignored.
+                col = min(max(step - 1, 0), user.shape[1] - 1)
+                user_step = user[None, :, col: col + 1].expand(B, -1, -1)
+            out = lm_gen.step_with_logits(user_step, forced)
+            frame = step - delay
+            if frame < 0:
+                if out is not None:
+                    raise RuntimeError(f"step_with_logits returned a frame at step {step} < max_delay={delay}.")
+                continue
+            if out is None or out.audio_logits is None:
+                raise RuntimeError(f"step_with_logits returned no audio logits at step {step} (frame {frame}).")
+            valid = frame < lens_t                                      # [B]
+            logits = out.audio_logits[:, :, 0]                           # [B, K, card]
+            targets = forced_audio[:, :, frame]                          # [B, K]
+            ce = audio_cross_entropy(logits, targets, first_codebook_weight, mask=valid[:, None])
+            finite = torch.isfinite(logits).all(dim=-1) & torch.isfinite(ce.codebook_ce)   # [B, K]
+            bad = valid[:, None] & ~finite
+            result = FrameLoss(frame=frame, valid=valid.cpu(), codebook_ce=ce.codebook_ce.cpu(),
+                               audio_ce=ce.audio_ce.cpu(), audio_ce_weighted=ce.audio_ce_weighted.cpu(),
+                               text_token=torch.where(valid, out.tokens[:, 0, 0], -1).cpu())
+            if bad.any():
+                b, k = (int(i) for i in bad.nonzero()[0])
+                what = "logits" if not torch.isfinite(logits[b, k]).all() else "cross-entropy"
+                raise NonFiniteLossError(
+                    f"non-finite {what} for {ids[b]} at frame {frame} (audio codebook {k}): "
+                    f"codebook_ce = {float(ce.codebook_ce[b, k])}. Check the model weights and dtype.",
+                    sequence_id=ids[b], frame=frame)
+            bar.update(int(result.valid.sum()))
+            yield result
+
+
+def score_sequences(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor],
+                    sequence_ids: tp.Sequence[str] | None = None, **kwargs: tp.Any
+                    ) -> tp.Iterator[SequenceScores]:
+    """`score`, collected per sequence: yields each sequence's `SequenceScores` as soon as it is complete.
+
+    Sequences come out in order of length (shorter first). `kwargs` go to `score`.
+    """
+    num = len(codes)
+    ids = list(sequence_ids) if sequence_ids is not None else [f"sequence {i}" for i in range(num)]
+    max_frames = kwargs.get("max_frames")
+    lengths = kwargs.get("lengths")
+    if lengths is None:
+        lengths = [int(c.shape[-1]) for c in codes]
+    lens = [min(n, max_frames) if max_frames else n for n in lengths]
+    K = lm_gen.lm_model.dep_q
+    store = [SequenceScores(index=i, sequence_id=ids[i],
+                            audio_ce=np.full(n, np.nan, np.float32),
+                            audio_ce_weighted=np.full(n, np.nan, np.float32),
+                            codebook_ce=np.full((K, n), np.nan, np.float32),
+                            text_token=np.full(n, -1, np.int64)) for i, n in enumerate(lens)]
+    for fl in score(lm_gen, codes, sequence_ids=ids, **kwargs):
+        t = fl.frame
+        for i in np.nonzero(fl.valid.numpy())[0]:
+            s = store[i]
+            s.audio_ce[t] = fl.audio_ce[i]
+            s.audio_ce_weighted[t] = fl.audio_ce_weighted[i]
+            s.codebook_ce[:, t] = fl.codebook_ce[i].numpy()
+            s.text_token[t] = fl.text_token[i]
+            if t == lens[i] - 1:
+                yield s

@@ -1,0 +1,41 @@
+"""moshi-patch: Moshi's LMGen with the logits of each streaming step, and a long-context audio eval."""
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def _version() -> str:
+    # Single source for the version: moshi_patch/__init__.py.
+    for line in (ROOT / "moshi_patch" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("__version__ not found in moshi_patch/__init__.py")
+
+
+setup(
+    name="moshi-patch",
+    version=_version(),
+    description="Moshi LMGen.step_with_logits (streaming logits under KV cache and TTT state) "
+    "and a long-context LibriLight audio cross-entropy eval.",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["moshi_patch", "moshi_eval"],
+    package_dir={"moshi_patch": "moshi_patch", "moshi_eval": "eval"},
+    package_data={"moshi_eval": ["assets/*"]},
+    install_requires=[
+        "moshi==0.2.13",
+        "torch>=2.2,<2.10",
+        "numpy",
+        "einops",
+        "sentencepiece",
+        "sphn",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["moshi-eval = moshi_eval.cli:main"]},
+)

@@ -1,0 +1,112 @@
+"""Tiny Moshi language models for the tests: seconds on a CPU, the same code paths as Moshi 7B."""
+import typing as tp
+
+import torch
+from moshi.models.lm import LMModel
+
+
+def moshi_delays(n_q: int, dep_q: int, max_delay: int = 1) -> list[int]:
+    """Moshi's delay pattern: text 0, first codebook of each audio stream 0, the others `max_delay`.
+
+    With `max_delay=2` the last codebooks of each stream are delayed by 2 (non-decreasing within a stream).
+    """
+    def stream(n: int) -> list[int]:
+        return [0] + [min(max_delay, 1 + (i * max_delay) // max(n - 1, 1)) for i in range(n - 1)]
+
+    return [0] + (stream(dep_q) if dep_q else []) + (stream(n_q - dep_q) if n_q > dep_q else [])
+
+
+def make_lm(
+    n_q: int = 4,
+    dep_q: int = 2,
+    max_delay: int = 1,
+    card: int = 32,
+    text_card: int = 24,
+    dim: int = 32,
+    num_layers: int = 2,
+    context: int = 16,
+    depformer_multi_linear: bool = False,
+    depformer_weights_per_step: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    **kwargs: tp.Any,
+) -> LMModel:
+    """A small random LMModel in eval mode, shaped like Moshi (rope, silu gating, rms norm).
+
+    The depformer has weights per step by default, as Moshi 7B: in moshi 0.2.13 a depformer without them
+    cannot stream (its KV cache has no capacity, `LMModel` forces its context to None).
+    """
+    torch.manual_seed(seed)
+    delays = kwargs.pop("delays", None) or moshi_delays(n_q, dep_q, max_delay)
+    params = dict(
+        delays=delays,
+        n_q=n_q,
+        dep_q=dep_q,
+        card=card,
+        text_card=text_card,
+        dim=dim,
+        num_heads=2,
+        num_layers=num_layers,
+        hidden_scale=2,
+        causal=True,
+        context=context,
+        gating="silu",
+        norm="rms_norm_f32",
+        positional_embedding="rope",
+        depformer_dim=16,
+        depformer_num_heads=2,
+        depformer_num_layers=2,
+        depformer_multi_linear=depformer_multi_linear,
+        depformer_weights_per_step=depformer_weights_per_step,
+        depformer_pos_emb="sin",
+        device=device,
+        dtype=dtype,
+    )
+    params.update(kwargs)
+    model = LMModel(**params)
+    return model.eval()
+
+
+def random_codes(model: LMModel, batch: int, frames: int, seed: int = 1) -> torch.Tensor:
+    """Random valid codes `[B, K, T]`: text in [0, text_card), audio in [0, card)."""
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, model.text_card, (batch, 1, frames), generator=gen)
+    audio = torch.randint(0, model.card, (batch, model.n_q, frames), generator=gen)
+    return torch.cat([text, audio], dim=1).to(model.device)
+
+
+def user_frame(codes: torch.Tensor, dep_q: int, step: int) -> torch.Tensor:
+    """User tokens `[B, n_q - dep_q, 1]` to pass at `step` so that streaming reproduces `LMModel.forward`.
+
+    The user stream passed at step `s` takes the place of frame `s - 1` (what step 0 gets is ignored);
+    past the last frame, the last one is repeated (it only affects frames that are not compared).
+    """
+    T = codes.shape[-1]
+    frame = min(max(step - 1, 0), T - 1)
+    return codes[:, dep_q + 1:, frame:frame + 1]
+
+
+def stream_teacher_forced(lm_gen, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Streams `codes [B, K, T]` through `lm_gen.step_with_logits`, teacher forcing the model's streams.
+
+    Returns the text logits `[B, 1, T, text_card_out]`, audio logits `[B, dep_q, T, card]` (or None) and
+    tokens `[B, 1 + dep_q, T]` of frames 0..T-1, stacked from the per-step outputs.
+    """
+    B, K, T = codes.shape
+    dep_q = lm_gen.lm_model.dep_q
+    text, audio, tokens = [], [], []
+    with lm_gen.streaming(B):
+        for step in range(T + lm_gen.max_delay):
+            if step < T:
+                forced = codes[:, :1 + dep_q, step:step + 1]
+            else:  # Flushing the delays: frames past the end are the model's choice, and not compared.
+                forced = torch.full_like(codes[:, :1 + dep_q, :1], -2)
+            out = lm_gen.step_with_logits(user_frame(codes, dep_q, step), forced)
+            if out is None:
+                continue
+            text.append(out.text_logits)
+            tokens.append(out.tokens)
+            if out.audio_logits is not None:
+                audio.append(out.audio_logits)
+    return torch.cat(text, 2), (torch.cat(audio, 2) if audio else None), torch.cat(tokens, 2)

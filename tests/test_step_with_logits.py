@@ -1,0 +1,331 @@
+"""`LMGen.step_with_logits` against independent computations: `LMModel.forward`, replays, upstream `step()`."""
+import pytest
+import torch
+from moshi.models import lm as upstream_lm
+from moshi.models.lm_utils import _delay_sequence
+
+from lm_factory import make_lm, random_codes, stream_teacher_forced, user_frame
+from moshi_patch import LMGen, StepLogits
+
+ATOL = 1e-4
+
+
+def assert_close_where_valid(streamed: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> None:
+    """Streamed and reference logits `[B, K, T, card]` agree at every valid position of `mask [B, K, T]`."""
+    assert streamed.shape == reference.shape
+    assert mask.any()
+    diff = (streamed.float() - reference.float())[mask]
+    assert torch.isfinite(diff).all()
+    assert diff.abs().max().item() < ATOL, diff.abs().max().item()
+
+
+MODELS = {
+    # KV context longer than the 12 frames streamed.
+    "context_long": dict(context=32),
+    # Ring buffer wrap: the KV cache holds fewer frames than the sequence.
+    "context_short": dict(context=4),
+    "max_delay_2": dict(n_q=6, dep_q=3, max_delay=2, context=5),
+    "multi_linear": dict(n_q=6, dep_q=3, max_delay=2, depformer_multi_linear=True),
+    "multi_linear_schedule": dict(n_q=6, dep_q=3, depformer_multi_linear=True,
+                                  depformer_weights_per_step_schedule=[0, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+@pytest.mark.parametrize("batch", [2])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_teacher_forced_equals_forward(model: str, batch: int, parallel: bool) -> None:
+    lm = make_lm(**MODELS[model])
+    codes = random_codes(lm, batch, 12)
+    reference = lm(codes)
+    lm_gen = LMGen(lm, use_sampling=False)
+    lm_gen.parallel_forced_depformer = parallel
+    text, audio, tokens = stream_teacher_forced(lm_gen, codes)
+    assert_close_where_valid(text, reference.text_logits, reference.text_mask)
+    assert_close_where_valid(audio, reference.logits, reference.mask)
+    # Forced tokens are returned as given.
+    assert torch.equal(tokens, codes[:, :1 + lm.dep_q])
+
+
+def test_parallel_path_is_used_when_all_audio_is_forced(monkeypatch) -> None:
+    lm = make_lm()
+    calls = {"parallel": 0, "sequential": 0}
+    sequential, parallel = LMGen._depformer_step_with_logits, LMGen._depformer_forced_with_logits
+
+    def count(name, fn):
+        def wrapper(self, *args):
+            calls[name] += 1
+            return fn(self, *args)
+        return wrapper
+
+    monkeypatch.setattr(LMGen, "_depformer_step_with_logits", count("sequential", sequential))
+    monkeypatch.setattr(LMGen, "_depformer_forced_with_logits", count("parallel", parallel))
+    stream_teacher_forced(LMGen(lm, use_sampling=False), random_codes(lm, 2, 10))
+    # Step 0 produces frame -1 of the delayed codebooks (nothing to force) and the flush step forces
+    # nothing: every other step has all its audio forced.
+    assert calls == {"sequential": 2, "parallel": 9}
+
+
+def test_model_without_depformer_matches_forward_text() -> None:
+    lm = make_lm(n_q=2, dep_q=0)
+    codes = random_codes(lm, 2, 12)
+    B = codes.shape[0]
+    initial = lm._get_initial_token().expand(B, -1, -1)
+    delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+    with torch.no_grad():
+        _, reference = lm.forward_text(delayed[:, :, :-1])
+    text, audio, _ = stream_teacher_forced(LMGen(lm, use_sampling=False), codes)
+    assert audio is None
+    assert_close_where_valid(text, reference, torch.ones(reference.shape[:3], dtype=torch.bool))
+
+
+def free_run(lm_gen, user: torch.Tensor, forced: torch.Tensor | None = None) -> list[StepLogits]:
+    """Steps with `user [B, Ku, S]` passed as is at each step `s`; optional `forced [B, 1 + dep_q, S]`."""
+    outs = []
+    with lm_gen.streaming(user.shape[0]):
+        for step in range(user.shape[-1]):
+            f = None if forced is None else forced[:, :, step:step + 1]
+            out = lm_gen.step_with_logits(user[:, :, step:step + 1], f)
+            if out is not None:
+                outs.append(out)
+    return outs
+
+
+def replay_forward(lm, outs: list[StepLogits], user: torch.Tensor):
+    """`LMModel.forward` on the returned tokens and the user stream, shifted as streaming sees it."""
+    tokens = torch.cat([o.tokens for o in outs], dim=2)
+    T = tokens.shape[-1]
+    # The user tokens passed at step s are frame s - 1 of the user stream.
+    codes = torch.cat([tokens, user[:, :, 1:T + 1]], dim=1)
+    with torch.no_grad():
+        return lm(codes)
+
+
+@pytest.mark.parametrize("use_sampling", [False, True], ids=["greedy", "sampled"])
+def test_replay_reproduces_returned_logits(use_sampling: bool) -> None:
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=6)
+    user = random_codes(lm, 2, 16, seed=3)[:, 1 + lm.dep_q:]
+    torch.manual_seed(7)
+    outs = free_run(LMGen(lm, use_sampling=use_sampling, temp=1.0, temp_text=1.0), user)
+    reference = replay_forward(lm, outs, user)
+    text = torch.cat([o.text_logits for o in outs], 2)
+    audio = torch.cat([o.audio_logits for o in outs], 2)
+    assert_close_where_valid(text, reference.text_logits, reference.text_mask)
+    assert_close_where_valid(audio, reference.logits, reference.mask)
+    if not use_sampling:
+        tokens = torch.cat([o.tokens for o in outs], dim=2)
+        assert torch.equal(tokens[:, :1], text.argmax(-1))
+        assert torch.equal(tokens[:, 1:], audio.argmax(-1))
+
+
+def test_partial_forcing_replays() -> None:
+    """Text forced, audio codebook 1 forced, the rest the model's choice: the replay still holds."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2)
+    codes = random_codes(lm, 2, 14, seed=5)
+    user = codes[:, 1 + lm.dep_q:]
+    forced = torch.full_like(codes[:, :1 + lm.dep_q], -2)
+    forced[:, 0] = codes[:, 0]
+    forced[:, 2] = codes[:, 2]
+    outs = free_run(LMGen(lm, use_sampling=False), user, forced)
+    tokens = torch.cat([o.tokens for o in outs], dim=2)
+    T = tokens.shape[-1]
+    assert torch.equal(tokens[:, 0], codes[:, 0, :T])
+    assert torch.equal(tokens[:, 2], codes[:, 2, :T])
+    reference = replay_forward(lm, outs, user)
+    assert_close_where_valid(torch.cat([o.audio_logits for o in outs], 2), reference.logits, reference.mask)
+    assert_close_where_valid(torch.cat([o.text_logits for o in outs], 2), reference.text_logits,
+                             reference.text_mask)
+
+
+def upstream_tokens(lm, user: torch.Tensor, use_sampling: bool, seed: int, cls=upstream_lm.LMGen) -> torch.Tensor:
+    lm_gen = cls(lm, use_sampling=use_sampling)
+    torch.manual_seed(seed)
+    outs = []
+    with lm_gen.streaming(user.shape[0]):
+        for step in range(user.shape[-1]):
+            out = lm_gen.step(user[:, :, step:step + 1])
+            if out is not None:
+                outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("use_sampling", [False, True], ids=["greedy", "sampled"])
+def test_tokens_equal_upstream_step(use_sampling: bool) -> None:
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=8)
+    user = random_codes(lm, 2, 20, seed=11)[:, 1 + lm.dep_q:]
+    expected = upstream_tokens(lm, user, use_sampling, seed=3)
+    torch.manual_seed(3)
+    outs = free_run(LMGen(lm, use_sampling=use_sampling), user)
+    assert torch.equal(torch.cat([o.tokens for o in outs], dim=2), expected)
+    # `step()` of the subclass is upstream's.
+    assert torch.equal(upstream_tokens(lm, user, use_sampling, seed=3, cls=LMGen), expected)
+    if use_sampling:  # The comparison is not vacuous: another seed samples other tokens.
+        assert not torch.equal(upstream_tokens(lm, user, use_sampling, seed=4), expected)
+
+
+def test_step_unchanged_after_step_with_logits() -> None:
+    """Mixing both methods in one stream: `step()` continues the stream as upstream's would."""
+    lm = make_lm()
+    user = random_codes(lm, 1, 10, seed=2)[:, 1 + lm.dep_q:]
+    expected = upstream_tokens(lm, user, use_sampling=False, seed=0)
+    lm_gen = LMGen(lm, use_sampling=False)
+    outs = []
+    with lm_gen.streaming(1):
+        for step in range(user.shape[-1]):
+            frame = user[:, :, step:step + 1]
+            out = lm_gen.step_with_logits(frame) if step % 2 else lm_gen.step(frame)
+            if out is not None:
+                outs.append(out.tokens if isinstance(out, StepLogits) else out)
+    assert torch.equal(torch.cat(outs, dim=2), expected)
+
+
+def test_exec_mask_masked_steps_never_happened() -> None:
+    """Item 1 is masked during steps 3..5: its logits equal those of a stream without those steps."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=6)
+    codes = random_codes(lm, 2, 10, seed=4)
+    dep_q = lm.dep_q
+    masked_steps = {3, 4, 5}
+    lm_gen = LMGen(lm, use_sampling=False)
+    per_item = {0: [], 1: []}
+    frame_of = [0, 0]  # Next frame each item consumes.
+    with lm_gen.streaming(2):
+        for step in range(10 + len(masked_steps) + lm_gen.max_delay):
+            mask = torch.tensor([True, step not in masked_steps])
+            lm_gen.set_exec_mask(mask)
+            forced, user = [], []
+            for b in range(2):
+                f = frame_of[b]
+                forced.append(codes[b, :1 + dep_q, f:f + 1] if f < 10 else torch.full((1 + dep_q, 1), -2))
+                user.append(user_frame(codes[b:b + 1], dep_q, f)[0])
+            out = lm_gen.step_with_logits(torch.stack(user), torch.stack(forced))
+            if out is not None:
+                for b in range(2):
+                    if mask[b]:
+                        per_item[b].append(out.audio_logits[b])
+                    else:  # A masked item returns no frame: ungenerated tokens and NaN logits.
+                        assert (out.tokens[b] == -2).all() and out.audio_logits[b].isnan().all()
+            for b in range(2):
+                frame_of[b] += int(mask[b])
+    for b in range(2):
+        alone_text, alone_audio, _ = stream_teacher_forced(LMGen(lm, use_sampling=False), codes[b:b + 1])
+        streamed = torch.stack(per_item[b], dim=0)  # [frames returned, dep_q, 1, card]
+        valid = ~streamed.isnan().all(-1).all(-1).all(-1)
+        got = streamed[valid][:10, :, 0]  # Frames 0..9, [T, dep_q, card]
+        assert got.shape[0] == 10
+        assert (got - alone_audio[0].transpose(0, 1)).abs().nan_to_num(0.).max() < ATOL
+
+
+def test_reset_streaming_restarts_the_stream() -> None:
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2)
+    codes = random_codes(lm, 2, 8, seed=9)
+    lm_gen = LMGen(lm, use_sampling=False)
+    first = stream_teacher_forced(lm_gen, codes)
+    other = random_codes(lm, 2, 8, seed=10)
+    with lm_gen.streaming(2):
+        for step in range(5):  # Something else first, then a reset.
+            lm_gen.step_with_logits(user_frame(other, lm.dep_q, step), other[:, :1 + lm.dep_q, step:step + 1])
+        lm_gen.reset_streaming()
+        text, audio = [], []
+        for step in range(8 + lm_gen.max_delay):
+            forced = codes[:, :1 + lm.dep_q, step:step + 1] if step < 8 else None
+            out = lm_gen.step_with_logits(user_frame(codes, lm.dep_q, step), forced)
+            if out is not None:
+                text.append(out.text_logits)
+                audio.append(out.audio_logits)
+    assert torch.allclose(torch.cat(text, 2), first[0], atol=ATOL, equal_nan=True)
+    assert torch.allclose(torch.cat(audio, 2), first[1], atol=ATOL, equal_nan=True)
+
+
+def test_cfg_logits_are_the_cfg_mix() -> None:
+    """With `cfg_is_no_text`, the unconditioned half sees no text: compare with the mix computed by hand."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2)
+    codes = random_codes(lm, 2, 10, seed=6)
+    cfg_coef = 2.5
+    lm_gen = LMGen(lm, use_sampling=False, cfg_coef=cfg_coef, cfg_is_no_text=True)
+    text, audio, _ = stream_teacher_forced(lm_gen, codes)
+    with torch.no_grad():
+        conditioned = lm(codes)
+        # Unconditioned: the temporal transformer sees the zero token instead of the text (after the
+        # initial step), while the depformer still gets the text token.
+        B = codes.shape[0]
+        initial = lm._get_initial_token().expand(B, -1, -1)
+        delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
+        no_text = delayed.clone()
+        no_text[:, 0, 1:] = lm.zero_token_id
+        transformer_out, _ = lm.forward_text(no_text[:, :, :-1])
+        null = lm.forward_depformer_training(delayed[:, :, 1:], transformer_out)
+        null = torch.stack([null[:, k].roll(-lm.delays[1 + k], dims=1) for k in range(lm.dep_q)], dim=1)
+    expected = null + (conditioned.logits - null) * cfg_coef
+    assert_close_where_valid(text, conditioned.text_logits, conditioned.text_mask)
+    assert_close_where_valid(audio, expected, conditioned.mask)
+    # The mix is not the conditioned logits alone.
+    assert (audio - conditioned.logits)[conditioned.mask].abs().max() > 10 * ATOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphed_logits_are_copies() -> None:
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2, device="cuda")
+    codes = random_codes(lm, 2, 12)
+    reference = lm(codes)
+    for parallel in (True, False):
+        lm_gen = LMGen(lm, use_sampling=False)
+        lm_gen.parallel_forced_depformer = parallel
+        text, audio, _ = stream_teacher_forced(lm_gen, codes)
+        assert_close_where_valid(text, reference.text_logits, reference.text_mask)
+        assert_close_where_valid(audio, reference.logits, reference.mask)
+        # Consecutive frames kept from the graphed buffers must differ.
+        assert (audio[:, :, 2] - audio[:, :, 3]).abs().max() > 1e-3
+
+
+# Errors: each names the argument, what was expected and what came.
+
+def test_error_outside_streaming() -> None:
+    lm = make_lm()
+    with pytest.raises(RuntimeError, match="inside `with lm_gen.streaming"):
+        LMGen(lm).step_with_logits(torch.zeros(1, 2, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["input_tokens", "forced_tokens"])
+@pytest.mark.parametrize("bad,exc,message", [
+    (lambda shape: torch.zeros(shape[:2], dtype=torch.long), ValueError, r"must have rank 3.*got rank 2"),
+    (lambda shape: torch.zeros((3,) + shape[1:], dtype=torch.long), ValueError, r"batch size 3.*streaming\(2\)"),
+    (lambda shape: torch.zeros((2, shape[1] + 1, 1), dtype=torch.long), ValueError, r"must have shape \[2, \d, 1\]"),
+    (lambda shape: torch.zeros((2, shape[1], 2), dtype=torch.long), ValueError, r"must have shape \[2, \d, 1\]"),
+    (lambda shape: torch.zeros(shape), TypeError, r"integer token ids.*torch.float32"),
+    (lambda shape: [[[0]]], TypeError, r"must be a torch.Tensor.*got list"),
+])
+def test_error_bad_tokens(name, bad, exc, message) -> None:
+    lm = make_lm()
+    lm_gen = LMGen(lm)
+    good = {"input_tokens": torch.zeros(2, lm.n_q - lm.dep_q, 1, dtype=torch.long),
+            "forced_tokens": torch.zeros(2, 1 + lm.dep_q, 1, dtype=torch.long)}
+    good[name] = bad(tuple(good[name].shape))
+    with lm_gen.streaming(2):
+        with pytest.raises(exc, match=f"{name} .*{message}|{name} {message}"):
+            lm_gen.step_with_logits(**good)
+
+
+@pytest.mark.parametrize("stream,value,message", [
+    (0, 24, r"forced_tokens\[1, 0, 0\] = 24 .*stream 0 \(text\).*\[0, 24\)"),
+    (2, 32, r"forced_tokens\[1, 2, 0\] = 32 .*stream 2 \(audio codebook 1\).*\[0, 32\)"),
+    (1, -3, r"forced_tokens\[1, 1, 0\] = -3 .*-2 \(model's choice\), -1 \(no input\)"),
+])
+def test_error_forced_out_of_range(stream: int, value: int, message: str) -> None:
+    lm = make_lm()  # text_card 24, card 32
+    lm_gen = LMGen(lm)
+    forced = torch.zeros(2, 1 + lm.dep_q, 1, dtype=torch.long)
+    forced[1, stream] = value
+    with lm_gen.streaming(2):
+        with pytest.raises(ValueError, match=message):
+            lm_gen.step_with_logits(torch.zeros(2, 2, 1, dtype=torch.long), forced)
+        # Nothing was consumed by the failed call: the stream still starts at step 0.
+        assert lm_gen.step_with_logits(torch.zeros(2, 2, 1, dtype=torch.long)) is None
+
+
+def test_error_training_mode() -> None:
+    lm = make_lm()
+    lm_gen = LMGen(lm)
+    lm.train()
+    with lm_gen.streaming(1):
+        with pytest.raises(RuntimeError, match=r"training mode.*lm_model.eval\(\)"):
+            lm_gen.step_with_logits(torch.zeros(1, 2, 1, dtype=torch.long))

@@ -1,0 +1,143 @@
+"""LMModel with TTT layers: `step_with_logits` sees the TTT-updated state (DESIGN.md section 4, oracle 3).
+
+Teacher-forced and replay equivalence with `LMModel.forward`; the inner weights move during a stream; past
+the attention window only the TTT state remembers the prefix; and the old workaround (each step from a fresh
+TTT state) measures a different model.
+"""
+import pytest
+import torch
+
+from moshi_eval.check import teacher_forced_logits
+from moshi_patch import LMGen
+from moshi_patch.ttt import add_ttt_layers, ttt_layers
+
+from lm_factory import make_lm, random_codes
+
+TOL = 1e-4
+
+
+def ttt_lm(context: int = 8, ttt: bool = True, layers=(0, 1), mini_batch_size: int = 4, **kwargs):
+    lm = make_lm(context=context, num_layers=2, dim=32, **kwargs)
+    if ttt:
+        torch.manual_seed(3)
+        add_ttt_layers(lm, list(layers), mini_batch_size=mini_batch_size)
+    return lm
+
+
+def assert_close_on_mask(streamed: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> float:
+    """streamed, reference: [B, K, T, card]; mask [B, K, T]. Returns the max |diff| over valid positions."""
+    assert mask.any()
+    diff = (streamed.float() - reference.float()).abs()[mask]
+    assert not torch.isnan(diff).any()
+    assert diff.max() < TOL, float(diff.max())
+    return float(diff.max())
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(max_delay=2, depformer_multi_linear=True, depformer_weights_per_step=True),
+])
+def test_teacher_forced_streaming_equals_forward_with_ttt(kwargs):
+    lm = ttt_lm(**kwargs)                   # context 8 < 30 frames: the KV ring buffer wraps
+    codes = random_codes(lm, 2, 30)
+    text, audio = teacher_forced_logits(lm, codes)
+    with torch.no_grad():
+        ref = lm(codes)
+    assert_close_on_mask(text, ref.text_logits, ref.text_mask)
+    assert_close_on_mask(audio, ref.logits, ref.mask)
+
+
+@pytest.mark.parametrize("use_sampling", [False, True])
+def test_replay_with_ttt(use_sampling):
+    """Nothing forced: feeding the generated tokens back to LMModel.forward reproduces the logits."""
+    lm = ttt_lm()
+    B, T = 2, 24
+    user = random_codes(lm, B, T)[:, lm.dep_q + 1:]
+    lm_gen = LMGen(lm, use_sampling=use_sampling, temp=1.0, top_k=0)
+    torch.manual_seed(11)
+    tokens, text, audio = [], [], []
+    with lm_gen.streaming(B):
+        for step in range(T + lm_gen.max_delay):
+            out = lm_gen.step_with_logits(user[:, :, max(min(step - 1, T - 1), 0), None])
+            if out is not None:
+                tokens.append(out.tokens[..., 0])
+                text.append(out.text_logits[:, :, 0])
+                audio.append(out.audio_logits[:, :, 0])
+    own = torch.stack(tokens, dim=2)[:, :, :T]
+    codes = torch.cat([own, user], dim=1)
+    with torch.no_grad():
+        ref = lm(codes)
+    assert_close_on_mask(torch.stack(text, 2)[:, :, :T], ref.text_logits, ref.text_mask)
+    assert_close_on_mask(torch.stack(audio, 2)[:, :, :T], ref.logits, ref.mask)
+
+
+def test_inner_weights_change_during_a_stream():
+    lm = ttt_lm(mini_batch_size=4)
+    codes = random_codes(lm, 2, 12)
+    lm_gen = LMGen(lm, use_sampling=False)
+    with lm_gen.streaming(2):
+        states = [block._streaming_state for block in ttt_layers(lm)]
+        history = []
+        for step in range(12):
+            lm_gen.step_with_logits(codes[:, lm.dep_q + 1:, max(step - 1, 0), None], codes[:, :1 + lm.dep_q, step, None])
+            history.append([state.w.clone() for state in states])
+        for i, state in enumerate(states):
+            # W0 moves exactly at the end of each mini-batch of 4 frames, for every item.
+            moved = [not torch.equal(history[s][i], history[s - 1][i]) for s in range(1, 12)]
+            assert moved == [s % 4 == 3 for s in range(1, 12)]
+            assert (state.w - state.init_w).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+
+
+def beyond_window_gap(ttt: bool) -> tuple[float, int]:
+    """Max |diff| of the suffix logits of two streams with different prefixes and the same suffix, over the
+    suffix frames whose whole receptive field through the attention window lies inside the suffix."""
+    context, prefix_len, suffix_len = 3, 20, 20
+    lm = ttt_lm(context=context, ttt=ttt, mini_batch_size=4)
+    a = random_codes(lm, 1, prefix_len + suffix_len, seed=1)
+    b = random_codes(lm, 1, prefix_len, seed=2)
+    suffix = a[:, :, prefix_len:]
+    text_a, audio_a = teacher_forced_logits(lm, a)
+    text_b, audio_b = teacher_forced_logits(lm, torch.cat([b, suffix], dim=2))
+    # Each of the 2 attention layers sees `context` frames, the delays and the user shift add up to 2 more.
+    start = prefix_len + 2 * context + 2
+    frames = slice(start, prefix_len + suffix_len - 1)      # the last frame of delayed codebooks is invalid
+    gap = max(float((text_a - text_b)[:, :, frames].abs().max()),
+              float((audio_a - audio_b)[:, :, frames].abs().max()))
+    return gap, start
+
+
+def test_ttt_state_carries_the_prefix_beyond_the_attention_window():
+    gap_plain, _ = beyond_window_gap(ttt=False)
+    gap_ttt, _ = beyond_window_gap(ttt=True)
+    assert gap_plain < 1e-6      # KV cache only: the prefix is forgotten once out of the window
+    assert gap_ttt > 1e-2        # the TTT inner weights still hold it
+
+
+def test_fresh_state_workaround_measures_another_model():
+    """Resetting the TTT state before every step (what a logits pass that does not carry the streaming
+    state amounts to) gives logits far from LMModel.forward, while step_with_logits matches it."""
+    lm = ttt_lm()
+    B, T = 2, 24
+    codes = random_codes(lm, B, T)
+    with torch.no_grad():
+        ref = lm(codes)
+    blocks = ttt_layers(lm)
+    lm_gen = LMGen(lm, use_sampling=False)
+    text, audio = [], []
+    with lm_gen.streaming(B):
+        for step in range(T + lm_gen.max_delay):
+            for block in blocks:
+                block._streaming_state.reset(torch.ones(B, dtype=torch.bool))
+            forced = codes[:, :1 + lm.dep_q, step, None] if step < T else None
+            out = lm_gen.step_with_logits(codes[:, lm.dep_q + 1:, max(min(step - 1, T - 1), 0), None], forced)
+            if out is not None:
+                text.append(out.text_logits[:, :, 0])
+                audio.append(out.audio_logits[:, :, 0])
+    fresh_text, fresh_audio = torch.stack(text, 2)[:, :, :T], torch.stack(audio, 2)[:, :, :T]
+    gap = (fresh_audio - ref.logits).abs()[ref.mask]
+    text_gap = (fresh_text - ref.text_logits).abs()[ref.text_mask]
+    assert gap.mean() > 1e-2 and gap.max() > 1e-1
+    assert text_gap.mean() > 1e-2
+    streamed_text, streamed_audio = teacher_forced_logits(lm, codes)
+    assert_close_on_mask(streamed_audio, ref.logits, ref.mask)
+    assert_close_on_mask(streamed_text, ref.text_logits, ref.text_mask)
