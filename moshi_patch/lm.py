@@ -50,6 +50,7 @@ class _StepLogitsState:
     """
 
     batch_index: torch.Tensor  # [B], arange(B), to index the rings per item.
+    codebook_index: torch.Tensor  # [dep_q], arange(dep_q), to index the audio ring per codebook.
     forced: torch.Tensor  # [B, 1 + dep_q, max_delay + 1], forced tokens by frame, -2 where not forced.
     text_logits: torch.Tensor  # [B, 1, max_delay + 1, text_card_out], text logits by frame.
     audio_logits: torch.Tensor | None  # [B, dep_q, max_delay + 1, card], audio logits by frame.
@@ -97,8 +98,9 @@ class LMGen(_upstream.LMGen):
             graphed_depth = CUDAGraphed(self._depformer_step_with_logits, disable=disable)
             graphed_depth_forced = CUDAGraphed(self._depformer_forced_with_logits, disable=disable)
         batch_index = torch.arange(batch_size, device=device)
-        return _StepLogitsState(batch_index, forced, text_logits, audio_logits, depth_forced, depth_logits,
-                                graphed_depth, graphed_depth_forced)
+        codebook_index = torch.arange(lm_model.dep_q, device=device)
+        return _StepLogitsState(batch_index, codebook_index, forced, text_logits, audio_logits,
+                                depth_forced, depth_logits, graphed_depth, graphed_depth_forced)
 
     @torch.no_grad()
     def step_with_logits(self, input_tokens: torch.Tensor,
@@ -183,8 +185,8 @@ class LMGen(_upstream.LMGen):
             self.on_text_hook, self.on_text_logits_hook = user_text_hook, user_text_logits_hook
 
         if logits_state.audio_logits is not None:
-            logits_state.audio_logits[logits_state.batch_index[:, None], self._depformer_streams(), slots[:, 1:]] = (
-                logits_state.depth_logits.to(logits_state.audio_logits.dtype))
+            ring_index = (logits_state.batch_index[:, None], logits_state.codebook_index, slots[:, 1:])
+            logits_state.audio_logits[ring_index] = logits_state.depth_logits.to(logits_state.audio_logits.dtype)
         if out is None:
             return None
         tokens = out[0]
@@ -197,10 +199,6 @@ class LMGen(_upstream.LMGen):
             audio_logits = logits_state.audio_logits[logits_state.batch_index, :, out_slot][:, :, None]
             audio_logits = torch.where(no_frame, float('nan'), audio_logits)
         return StepLogits(tokens, text_logits, audio_logits)
-
-    def _depformer_streams(self) -> torch.Tensor:
-        # [dep_q] index of each audio codebook in the logits ring.
-        return torch.arange(self.lm_model.dep_q, device=self.delays_cuda.device)
 
     def _check_step_tokens(self, name: str, tokens: torch.Tensor, num_streams: int,
                            batch_size: int) -> torch.Tensor:
@@ -258,7 +256,9 @@ class LMGen(_upstream.LMGen):
         logits_per_codebook: list[torch.Tensor] = []
         with lm_model.depformer.streaming(B * cfg_factor):
             for cb_index in range(lm_model.dep_q):
-                input_ = prev_token[:, None, None].repeat(cfg_factor, 1, 1)
+                input_ = prev_token[:, None, None]
+                if cfg_factor > 1:
+                    input_ = input_.repeat(cfg_factor, 1, 1)
                 logits = self._mix_cfg(lm_model.forward_depformer(cb_index, input_, transformer_out))
                 sampled = sample_token(logits.float(), self.use_sampling, self.temp, self.top_k)[:, 0, 0]
                 forced = logits_state.depth_forced[:, cb_index]
@@ -286,7 +286,9 @@ class LMGen(_upstream.LMGen):
         sequence[:, 0] = text_token
         sequence[:, 1:lm_model.dep_q] = forced[:, :-1]
         cfg_factor = 1 if self.cfg_coef == 1. else 2
-        sequence = sequence[:, :, None].repeat(cfg_factor, 1, 1)
+        sequence = sequence[:, :, None]
+        if cfg_factor > 1:
+            sequence = sequence.repeat(cfg_factor, 1, 1)
         logits = self._mix_cfg(lm_model.forward_depformer_training(sequence, transformer_out))
         logits_state.depth_logits.copy_(logits[:, :, 0])
         return forced

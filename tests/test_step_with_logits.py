@@ -1,11 +1,23 @@
 """`LMGen.step_with_logits` against independent computations: `LMModel.forward`, replays, upstream `step()`."""
+import os
+
 import pytest
 import torch
 from moshi.models import lm as upstream_lm
 from moshi.models.lm_utils import _delay_sequence
 
 from lm_factory import make_lm, random_codes, stream_teacher_forced, user_frame
-from moshi_patch import LMGen, StepLogits
+
+# `MOSHI_PATCH_TEST_LMGEN=upstream`: test `moshi.models.lm.LMGen` of a moshi with the upstream patch applied
+# (tests/test_upstream.py, `python -m moshi_patch.upstream --run-tests`) instead of moshi_patch's subclass.
+LMGEN_UNDER_TEST = os.environ.get("MOSHI_PATCH_TEST_LMGEN", "moshi_patch")
+if LMGEN_UNDER_TEST == "upstream":
+    from moshi.models.lm import LMGen, StepLogits
+elif LMGEN_UNDER_TEST == "moshi_patch":
+    from moshi_patch import LMGen, StepLogits
+else:
+    raise ValueError(f"MOSHI_PATCH_TEST_LMGEN must be `moshi_patch` (default) or `upstream`, "
+                     f"got {LMGEN_UNDER_TEST!r}.")
 
 ATOL = 1e-4
 
