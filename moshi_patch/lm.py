@@ -129,10 +129,12 @@ class LMGen(_upstream.LMGen):
                                "dropout would make the logits random.")
         B = state.batch_size
         input_tokens = self._check_step_tokens("input_tokens", input_tokens, lm_model.n_q - lm_model.dep_q, B)
+        input_tokens = input_tokens.to(lm_model.device)
         logits_state: _StepLogitsState = state.step_logits
         if forced_tokens is not None:
             forced_tokens = self._check_step_tokens("forced_tokens", forced_tokens, 1 + lm_model.dep_q, B)
-            self._check_forced_range(forced_tokens)
+            self._check_forced_range(forced_tokens)  # Before the copy to the device: no sync for CPU tokens.
+            forced_tokens = forced_tokens.to(lm_model.device)
             logits_state.any_forced = True
 
         # `_step` replaces `state.offsets` by a new tensor, so this one keeps the frame of each item.
@@ -215,7 +217,7 @@ class LMGen(_upstream.LMGen):
                              f"`streaming({batch_size})`: expected shape {expected}.")
         if tuple(tokens.shape[1:]) != (num_streams, 1):
             raise ValueError(f"{name} must have shape {expected}, got {list(tokens.shape)}.")
-        return tokens.to(device=self.lm_model.device, dtype=torch.long)
+        return tokens.long()
 
     def _check_forced_range(self, forced_tokens: torch.Tensor) -> None:
         lm_model = self.lm_model
