@@ -6,22 +6,31 @@ For each model it times, per frame (ms), on the same inputs:
   - `swl forced`:       text predicted, every audio codebook forced: the LibriLight scoring setting
                         (one parallel depformer call);
   - `swl forced seq`:   the same with the parallel depformer disabled (dep_q sequential calls),
-and prints the ratios against `step`. Methods are timed in interleaved rounds and the median round is
-kept, so that load on the machine hits them alike. On CPU the time is the process's CPU time with one
-thread (`--threads`), which other processes on a busy machine disturb far less than wall time.
+and prints the ratios against `step`. Methods are timed in interleaved rounds (the order reversed every
+other round) and the fastest round of each is kept: interference from the rest of the machine only ever
+adds time, so the minimum is the steadiest estimate of a method's own cost (the median is printed too).
+On CPU the time is the process's CPU time with one thread (`--threads`).
 
-    python bench/step_overhead.py [--frames 64] [--rounds 5] [--batch-size 1] [--device cpu]
+    python bench/step_overhead.py [--frames 32] [--rounds 7] [--batch-size 1] [--device cpu]
 """
 import argparse
+import os
 import statistics
 import time
 import typing as tp
 
-import torch
-from moshi.models import lm as upstream_lm
-from moshi.models.lm import LMModel
+# moshi compiles a few small functions with torch.compile even on CPU; the time is spent in both methods alike,
+# but keeping it out makes the CPU figures steadier. Set NO_TORCH_COMPILE=0 to keep moshi's default.
+if os.environ.get("NO_TORCH_COMPILE") == "0":
+    del os.environ["NO_TORCH_COMPILE"]
+else:
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-from moshi_patch import LMGen
+import torch  # noqa: E402
+from moshi.models import lm as upstream_lm
+from moshi.models.lm import LMModel  # noqa: E402
+
+from moshi_patch import LMGen  # noqa: E402
 
 
 def moshi_like(dim: int, num_layers: int, depformer_dim: int, depformer_num_layers: int, card: int,
@@ -81,9 +90,9 @@ def time_method(lm_model: LMModel, method: str, codes: torch.Tensor, warmup: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=64, help="frames timed per round and method")
+    parser.add_argument("--frames", type=int, default=32, help="frames timed per round and method")
     parser.add_argument("--warmup", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -92,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     methods = ["step", "swl free", "swl forced", "swl forced seq"]
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch_size}, {args.frames} frames x {args.rounds} rounds (median)")
+          f"batch {args.batch_size}, {args.frames} frames x {args.rounds} rounds (fastest, and median)")
     for name in args.models.split(","):
         lm_model = moshi_like(device=args.device, **MODELS[name])
         params = sum(p.numel() for p in lm_model.parameters()) / 1e6
@@ -103,15 +112,17 @@ def main() -> None:
             torch.randint(0, lm_model.card, (args.batch_size, lm_model.n_q, T), generator=gen)], dim=1)
         codes = codes.to(args.device)
         per_method: dict[str, list[float]] = {m: [] for m in methods}
-        for _ in range(args.rounds):
-            for method in methods:
+        for round_index in range(args.rounds):
+            for method in (methods if round_index % 2 == 0 else methods[::-1]):
                 per_method[method].append(time_method(lm_model, method, codes, args.warmup))
-        base = statistics.median(per_method["step"])
+        best = min(per_method["step"])
+        median = statistics.median(per_method["step"])
         print(f"\n{name}: {params:.1f}M parameters")
-        print(f"  {'method':<16}{'ms/frame':>10}{'x step()':>10}")
+        print(f"  {'method':<16}{'ms/frame':>10}{'x step()':>10}{'median ms':>11}{'x step()':>10}")
         for method in methods:
-            ms = statistics.median(per_method[method])
-            print(f"  {method:<16}{ms * 1e3:>10.2f}{ms / base:>10.2f}")
+            ms, ms_median = min(per_method[method]), statistics.median(per_method[method])
+            print(f"  {method:<16}{ms * 1e3:>10.2f}{ms / best:>10.2f}{ms_median * 1e3:>11.2f}"
+                  f"{ms_median / median:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -1,1 +1,17 @@
-"""moshi_eval: long-context audio cross-entropy of a streaming Moshi model (LibriLight audiobooks)."""
+"""moshi_eval: long-context audio cross-entropy of a streaming Moshi model (LibriLight audiobooks).
+
+Data flows one way: audio (`data`) -> Mimi codes (`codes`) -> `moshi_patch.LMGen.step_with_logits`
+(`scoring`) -> per-frame losses (`loss`) -> aggregates (`metrics`) -> files (`report`). The command line is
+`moshi-eval` (`cli`); `check` holds `moshi-eval check-streaming`.
+"""
+from .codes import CodeCache, encode_audio, encode_book, silence_codes
+from .data import AudioReadError, Book, Chapter, DataError, discover_books, read_audio, select_books
+from .loss import AudioCE, audio_cross_entropy
+from .metrics import summarize
+from .scoring import FrameLoss, NonFiniteLossError, SequenceScores, score, score_sequences
+
+__all__ = [
+    "AudioCE", "AudioReadError", "Book", "Chapter", "CodeCache", "DataError", "FrameLoss",
+    "NonFiniteLossError", "SequenceScores", "audio_cross_entropy", "discover_books", "encode_audio",
+    "encode_book", "read_audio", "score", "score_sequences", "select_books", "silence_codes", "summarize",
+]

@@ -6,10 +6,18 @@ Streaming Mimi only takes whole frames of `mimi.frame_size` samples (1920 at 24 
 a chapter is padded with zeros to a whole frame, which is also what one-shot `mimi.encode` does, so the
 result equals `mimi.encode(wav)` (tests/test_codes.py checks it). Each chapter starts from a fresh
 streaming state; the book's codes are its chapters' codes concatenated.
+
+Why the KV caches are widened: moshi's streaming attention keeps a ring cache of exactly `context` steps,
+so a call feeding T > 1 steps overwrites keys that the first queries of the call still need (with T >=
+`context` they see almost nothing). Frame-by-frame streaming (2 encoder steps) nearly hides this; chunks
+of many frames do not (the latents drift by ~10% in our tests). `encode_audio` therefore gives each
+attention layer a cache of `context + steps per call`: the attention mask still limits every query to
+`context` steps, so chunked streaming computes exactly what one-shot `mimi.encode` computes.
 """
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 import tempfile
@@ -18,6 +26,8 @@ import typing as tp
 import numpy as np
 import torch
 from moshi.models.compression import MimiModel
+from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
+from moshi.utils.compile import no_cuda_graph
 
 from .data import AudioReadError, Book, read_audio
 
@@ -58,6 +68,26 @@ def codec_identity(mimi: MimiModel) -> str:
     return h.hexdigest()
 
 
+def _widen_kv_caches(model: torch.nn.Module, extra_steps: int) -> None:
+    """Inside `model.streaming(...)`: replace each self-attention ring cache of capacity `context` with an
+    empty one of capacity `context + extra_steps`, so a call of up to `extra_steps` steps loses no key
+    within the context. Must run before the first call (the caches are empty then)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, StreamingMultiheadAttention) or module.cross_attention:
+            continue
+        state = module._streaming_state
+        cache = getattr(state, "kv_cache", None)
+        if module.context is None or cache is None:
+            continue
+        if not isinstance(cache, RingKVCache) or int(cache.end_offset.max()) != 0:
+            raise RuntimeError(f"{name}: unexpected streaming KV cache {type(cache).__name__} "
+                               "(moshi internals changed?): cannot widen it for chunked encoding")
+        _, batch, heads, _, dim_per_head = cache.cache.shape
+        state.kv_cache = RingKVCache(batch, heads, dim_per_head, module.context + extra_steps,
+                                     respect_exec_mask=cache.respect_exec_mask,
+                                     device=cache.cache.device, dtype=cache.cache.dtype)
+
+
 @torch.no_grad()
 def encode_audio(mimi: MimiModel, wav: np.ndarray, chunk_frames: int = 250,
                  num_codebooks: int | None = None) -> torch.Tensor:
@@ -86,9 +116,14 @@ def encode_audio(mimi: MimiModel, wav: np.ndarray, chunk_frames: int = 250,
     x = torch.nn.functional.pad(x, (0, frames * frame - wav.shape[0]))
     device = next(mimi.parameters()).device
     dtype = next(mimi.parameters()).dtype
+    chunk_frames = min(chunk_frames, frames)  # the caches are sized by it: no larger than needed
     chunk = chunk_frames * frame
     out: list[torch.Tensor] = []
-    with mimi.streaming(1):
+    steps_per_frame = math.ceil(getattr(mimi, "encoder_frame_rate", mimi.frame_rate) / mimi.frame_rate)
+    # No CUDA graphs: they need every call to have the same shape (the last chunk is shorter), and
+    # chunks of many frames amortize the launch overhead they would save anyway.
+    with no_cuda_graph(), mimi.streaming(1):
+        _widen_kv_caches(mimi, chunk_frames * steps_per_frame)
         for start in range(0, x.shape[0], chunk):
             piece = x[start: start + chunk].to(device=device, dtype=dtype)[None, None]
             out.append(mimi.encode(piece)[0].to("cpu", torch.int64))

@@ -10,6 +10,7 @@ by a fixed number of samples and drops the same amount at the end (768 samples a
 so lengths and alignment would be off.
 """
 from dataclasses import dataclass
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ import sphn
 import torch
 
 AUDIO_EXTENSIONS = (".flac", ".mp3", ".wav", ".ogg")
+TRUNCATION_SLACK_SECONDS = 0.1  # decoded audio this much shorter than its header's duration: an error
 
 
 class DataError(ValueError):
@@ -39,7 +41,8 @@ class AudioReadError(DataError):
 def natural_key(name: str) -> tuple:
     """Sort key putting "2" before "10": digit runs compare as integers, the rest as lowercase text."""
     parts = re.split(r"(\d+)", name)
-    return tuple((0, int(p), p) if p.isdigit() else (1, p.lower(), p) for p in parts if p != "")
+    key = tuple((0, int(p), "") if p.isdigit() else (1, 0, p.lower()) for p in parts if p != "")
+    return key, name  # the raw name breaks ties ("a" vs "A", "1" vs "01") deterministically
 
 
 @dataclass
@@ -64,7 +67,6 @@ class Book:
         raw = f"{self.speaker}__{self.book}"
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", raw)
         if safe != raw or safe.startswith("."):
-            import hashlib
             safe = f"{safe.lstrip('.') or 'book'}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
         return safe
 
@@ -127,19 +129,45 @@ def discover_books(audio_dir: str | Path) -> list[Book]:
     return books
 
 
-def select_books(books: list[Book], num_books: int | None = None,
-                 max_chapters: int | None = None) -> list[Book]:
-    """The first `num_books` books (all when None), each cut to its first `max_chapters` chapters.
+def book_seconds(book: Book) -> float:
+    """Total duration in seconds of a book's chapters, from the file headers (`sphn.durations`, no decoding).
 
     Raises:
-        ValueError: `num_books` or `max_chapters` not a positive integer.
+        AudioReadError: a chapter whose duration cannot be read; names the file.
+    """
+    durations = sphn.durations([str(c.path) for c in book.chapters])
+    for chapter, duration in zip(book.chapters, durations):
+        if duration is None:
+            raise AudioReadError(chapter.path, "cannot read its duration (missing, corrupt or unsupported)")
+    return float(sum(durations))
+
+
+def select_books(books: list[Book], num_books: int | None = None,
+                 max_chapters: int | None = None, *, min_seconds: float | None = None) -> list[Book]:
+    """The first `num_books` books (all when None), each cut to its first `max_chapters` chapters.
+
+    With `min_seconds`, books whose (cut) chapters last less than that in total are skipped before
+    counting `num_books` (durations from the file headers: a book reaching e.g. 8000 frames needs
+    `min_seconds = 8000 / 12.5`).
+
+    Raises:
+        ValueError: `num_books` or `max_chapters` not a positive integer, `min_seconds` negative.
+        AudioReadError: with `min_seconds`, a chapter whose duration cannot be read.
     """
     for name, value in (("num_books", num_books), ("max_chapters", max_chapters)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
-    chosen = books if num_books is None else books[:num_books]
-    return [Book(b.speaker, b.book, list(b.chapters if max_chapters is None else b.chapters[:max_chapters]))
-            for b in chosen]
+    if min_seconds is not None and not (isinstance(min_seconds, (int, float)) and min_seconds >= 0):
+        raise ValueError(f"min_seconds: expected a number >= 0 or None, got {min_seconds!r}")
+    chosen: list[Book] = []
+    for b in books:
+        if num_books is not None and len(chosen) >= num_books:
+            break
+        cut = Book(b.speaker, b.book, list(b.chapters if max_chapters is None else b.chapters[:max_chapters]))
+        if min_seconds is not None and book_seconds(cut) < min_seconds:
+            continue
+        chosen.append(cut)
+    return chosen
 
 
 def _sinc_filters(up: int, down: int, zeros: int, rolloff: float) -> tuple[torch.Tensor, int]:
@@ -194,6 +222,16 @@ def resample(wav: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     return out.reshape(-1)[:out_len].numpy()
 
 
+def _opus_pre_skip(path: Path) -> int:
+    """Pre-skip (samples at 48 kHz) from the OpusHead packet of an Ogg Opus file (RFC 7845, 5.1)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    at = head.find(b"OpusHead")
+    if at < 0 or at + 12 > len(head):
+        raise AudioReadError(path, "Ogg Opus file without an OpusHead header")
+    return int.from_bytes(head[at + 10: at + 12], "little")
+
+
 def read_audio(path: str | Path, sample_rate: int = 24000) -> np.ndarray:
     """Decode `path` with sphn as mono float32 `[T]` at `sample_rate` (channels averaged, resampled).
 
@@ -206,7 +244,15 @@ def read_audio(path: str | Path, sample_rate: int = 24000) -> np.ndarray:
     try:
         data, src_rate = sphn.read(str(path))
     except Exception as exc:  # sphn raises ValueError/OSError with the decoder's message
-        raise AudioReadError(path, str(exc)) from exc
+        if path.suffix.lower() != ".ogg":
+            raise AudioReadError(path, str(exc)) from exc
+        try:  # sphn.read handles Ogg Vorbis; Ogg Opus needs sphn.read_opus
+            data, src_rate = sphn.read_opus(str(path))
+        except Exception as opus_exc:
+            raise AudioReadError(path, f"{exc}; as Ogg Opus: {opus_exc}") from opus_exc
+        # sphn.read_opus keeps the encoder's pre-skip (priming samples at 48 kHz): drop it, as
+        # the Ogg Opus spec asks, so that the audio starts where it was recorded.
+        data = np.asarray(data)[..., _opus_pre_skip(path):]
     data = np.asarray(data, dtype=np.float32)
     if data.ndim == 1:
         data = data[None]
@@ -214,16 +260,18 @@ def read_audio(path: str | Path, sample_rate: int = 24000) -> np.ndarray:
         raise AudioReadError(path, f"no audio samples (decoded shape {tuple(data.shape)})")
     if not np.isfinite(data).all():
         raise AudioReadError(path, "decoded samples contain NaN or inf")
+    # sphn decodes a truncated file, or one with a damaged frame, without error: it just returns fewer
+    # samples. The header's duration tells (slack for codecs whose header is approximate, e.g. mp3).
+    header_seconds = sphn.durations([str(path)])[0]
+    decoded_seconds = data.shape[-1] / src_rate
+    if header_seconds is not None and decoded_seconds < header_seconds - TRUNCATION_SLACK_SECONDS:
+        raise AudioReadError(path, f"truncated or corrupt: decoded {decoded_seconds:.3f} s of the "
+                                   f"{header_seconds:.3f} s its header announces")
     mono = data.mean(axis=0) if data.shape[0] > 1 else data[0]
     return resample(mono, int(src_rate), int(sample_rate))
 
 
-def chapter_duration(chapter: Chapter) -> float | None:
-    """Duration in seconds from the file header via `sphn.durations` (None when it cannot be read)."""
-    return sphn.durations([str(chapter.path)])[0]
-
-
 __all__: tp.Sequence[str] = [
     "AUDIO_EXTENSIONS", "AudioReadError", "Book", "Chapter", "DataError", "discover_books", "natural_key",
-    "read_audio", "resample", "select_books", "chapter_duration",
+    "read_audio", "resample", "select_books", "book_seconds",
 ]

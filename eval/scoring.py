@@ -130,7 +130,7 @@ def _user_tokens(user_stream: str, silence: torch.Tensor | None, num_user: int) 
 
 def score(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_stream: str = "silence",
           text: str = "predicted", silence: torch.Tensor | None = None, max_frames: int | None = None,
-          progress: bool = True, first_codebook_weight: float = DEFAULT_FIRST_CODEBOOK_WEIGHT,
+          progress: "bool | tqdm" = True, first_codebook_weight: float = DEFAULT_FIRST_CODEBOOK_WEIGHT,
           lengths: tp.Sequence[int] | None = None, sequence_ids: tp.Sequence[str] | None = None,
           ) -> tp.Iterator[FrameLoss]:
     """Stream a batch of sequences through `lm_gen` and yield the audio cross-entropy of each frame.
@@ -145,7 +145,7 @@ def score(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_stream: 
         silence: for "silence", Mimi codes of digital silence `[n_q - dep_q, n]` or `[n_q - dep_q]`; user
             frame f is column `min(f, n - 1)` (silence codes are constant after a few frames).
         max_frames: score at most this many frames of each sequence.
-        progress: show a tqdm bar (scored frames, frames/s) on stderr.
+        progress: show a tqdm bar (scored frames, frames/s) on stderr; or a tqdm bar to update.
         first_codebook_weight: weight of codebook 0 in `audio_ce_weighted`.
         lengths: for a padded `[B, K, T]` tensor, the length of each sequence.
         sequence_ids: names used in error messages (default "sequence <i>").
@@ -200,8 +200,11 @@ def score(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_stream: 
             # Moshi compiles a few small functions (RMSNorm, rope, gating) lazily; on a CPU compiling costs
             # tens of seconds per batch shape and saves nothing.
             stack.enter_context(no_compile())
-        bar = stack.enter_context(tqdm(total=sum(lens), unit="frame", disable=not progress, desc="scoring",
-                                       smoothing=0.1, dynamic_ncols=True))
+        if isinstance(progress, tqdm):
+            bar = progress      # the caller's bar, e.g. one over all batches of a run
+        else:
+            bar = stack.enter_context(tqdm(total=sum(lens), unit="frame", disable=not progress,
+                                           desc="scoring", smoothing=0.1, dynamic_ncols=True))
         stack.enter_context(lm_gen.streaming(B))
         for step in range(T + delay):
             forced = torch.cat([text_col, forced_audio[:, :, step]], dim=1)[:, :, None]
@@ -220,18 +223,26 @@ def score(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_stream: 
             valid = frame < lens_t                                      # [B]
             logits = out.audio_logits[:, :, 0]                           # [B, K, card]
             targets = forced_audio[:, :, frame]                          # [B, K]
-            ce = audio_cross_entropy(logits, targets, first_codebook_weight, mask=valid[:, None])
-            finite = torch.isfinite(logits).all(dim=-1) & torch.isfinite(ce.codebook_ce)   # [B, K]
-            bad = valid[:, None] & ~finite
-            result = FrameLoss(frame=frame, valid=valid.cpu(), codebook_ce=ce.codebook_ce.cpu(),
-                               audio_ce=ce.audio_ce.cpu(), audio_ce_weighted=ce.audio_ce_weighted.cpu(),
-                               text_token=torch.where(valid, out.tokens[:, 0, 0], -1).cpu())
+            # Targets were range-checked once above: no per-step check (it would sync the device).
+            ce = audio_cross_entropy(logits, targets, first_codebook_weight, mask=valid[:, None],
+                                     check_targets=False)
+            finite_logits = torch.isfinite(logits).all(dim=-1)          # [B, K]
+            # One device -> host copy per step: [B, K] CE, plain, weighted, text token, valid, finite logits.
+            packed = torch.cat([ce.codebook_ce, ce.audio_ce[:, None], ce.audio_ce_weighted[:, None],
+                                out.tokens[:, 0, 0, None].float(), valid[:, None].float(),
+                                finite_logits.float()], dim=1).cpu()
+            codebook_ce, rest = packed[:, :K], packed[:, K:]
+            valid_cpu = rest[:, 3] > 0
+            result = FrameLoss(frame=frame, valid=valid_cpu, codebook_ce=codebook_ce, audio_ce=rest[:, 0],
+                               audio_ce_weighted=rest[:, 1],
+                               text_token=torch.where(valid_cpu, rest[:, 2].long(), -1))
+            bad = valid_cpu[:, None] & ~((rest[:, 4:] > 0) & torch.isfinite(codebook_ce))
             if bad.any():
                 b, k = (int(i) for i in bad.nonzero()[0])
-                what = "logits" if not torch.isfinite(logits[b, k]).all() else "cross-entropy"
+                what = "logits" if not rest[b, 4 + k] > 0 else "cross-entropy"
                 raise NonFiniteLossError(
                     f"non-finite {what} for {ids[b]} at frame {frame} (audio codebook {k}): "
-                    f"codebook_ce = {float(ce.codebook_ce[b, k])}. Check the model weights and dtype.",
+                    f"codebook_ce = {float(codebook_ce[b, k])}. Check the model weights and dtype.",
                     sequence_id=ids[b], frame=frame)
             bar.update(int(result.valid.sum()))
             yield result

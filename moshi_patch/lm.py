@@ -10,7 +10,6 @@ Frame convention (the one of `LMModel.forward` codes and of what `LMGen.step` re
 model stream (None while `s < max_delay`). `step_with_logits` takes the forced tokens of frame `s`,
 undelayed, schedules each stream by its delay, and returns the tokens and logits of frame `s - max_delay`.
 """
-import typing as tp
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +70,7 @@ class LMGen(_upstream.LMGen):
     def _init_streaming_state(self, batch_size: int) -> _upstream._LMGenState:
         state = super()._init_streaming_state(batch_size)
         # upstream-begin: init_streaming_state
-        state.step_logits = self._init_step_logits_state(batch_size)
+        state.step_logits = self._init_step_logits_state(state.batch_size)
         # upstream-end
         return state
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from moshi.utils.compile import no_compile
 
 from lm_factory import make_lm
 from moshi_eval.scoring import NonFiniteLossError, score, score_sequences
@@ -29,7 +30,7 @@ def _forward_ce(model, text: torch.Tensor, audio: torch.Tensor, user: torch.Tens
     Returns (codebook_ce [dep_q, T] float64 with NaN where forward has no valid logits, audio_ce, weighted).
     """
     codes = torch.cat([text[None], audio, user], dim=0)[None]
-    with torch.no_grad():
+    with torch.no_grad(), no_compile():      # moshi's lazy torch.compile costs ~15 s on a CPU
         out = model(codes)
     logits = out.logits[0].double()                                  # [dep_q, T, card]
     T = audio.shape[1]

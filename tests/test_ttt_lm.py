@@ -6,6 +6,7 @@ TTT state) measures a different model.
 """
 import pytest
 import torch
+from moshi.utils.compile import no_compile
 
 from moshi_eval.check import teacher_forced_logits
 from moshi_patch import LMGen
@@ -14,6 +15,13 @@ from moshi_patch.ttt import add_ttt_layers, ttt_layers
 from lm_factory import make_lm, random_codes
 
 TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _no_compile():
+    # Moshi lazily torch.compiles its output norm: tens of seconds on a CPU for nothing.
+    with no_compile():
+        yield
 
 
 def ttt_lm(context: int = 8, ttt: bool = True, layers=(0, 1), mini_batch_size: int = 4, **kwargs):
@@ -79,7 +87,8 @@ def test_inner_weights_change_during_a_stream():
         states = [block._streaming_state for block in ttt_layers(lm)]
         history = []
         for step in range(12):
-            lm_gen.step_with_logits(codes[:, lm.dep_q + 1:, max(step - 1, 0), None], codes[:, :1 + lm.dep_q, step, None])
+            lm_gen.step_with_logits(codes[:, lm.dep_q + 1:, max(step - 1, 0), None],
+                                    codes[:, :1 + lm.dep_q, step, None])
             history.append([state.w.clone() for state in states])
         for i, state in enumerate(states):
             # W0 moves exactly at the end of each mini-batch of 4 frames, for every item.
@@ -88,29 +97,33 @@ def test_inner_weights_change_during_a_stream():
             assert (state.w - state.init_w).abs().amax(dim=(1, 2, 3)).min() > 1e-4
 
 
-def beyond_window_gap(ttt: bool) -> tuple[float, int]:
-    """Max |diff| of the suffix logits of two streams with different prefixes and the same suffix, over the
-    suffix frames whose whole receptive field through the attention window lies inside the suffix."""
+def beyond_window_gap(ttt: bool) -> tuple[float, float]:
+    """Two streams with different prefixes and the same suffix. Returns the max |diff| of their logits over
+    the first suffix frames (the prefix is still in the attention window) and over the later suffix frames
+    whose whole receptive field through the attention window lies inside the suffix."""
     context, prefix_len, suffix_len = 3, 20, 20
     lm = ttt_lm(context=context, ttt=ttt, mini_batch_size=4)
     a = random_codes(lm, 1, prefix_len + suffix_len, seed=1)
     b = random_codes(lm, 1, prefix_len, seed=2)
-    suffix = a[:, :, prefix_len:]
     text_a, audio_a = teacher_forced_logits(lm, a)
-    text_b, audio_b = teacher_forced_logits(lm, torch.cat([b, suffix], dim=2))
-    # Each of the 2 attention layers sees `context` frames, the delays and the user shift add up to 2 more.
+    text_b, audio_b = teacher_forced_logits(lm, torch.cat([b, a[:, :, prefix_len:]], dim=2))
+
+    def gap(frames: slice) -> float:
+        return max(float((text_a - text_b)[:, :, frames].abs().max()),
+                   float((audio_a - audio_b)[:, :, frames].abs().max()))
+
+    # Each of the 2 attention layers reaches `context` frames back; the delay and the user shift add 2.
     start = prefix_len + 2 * context + 2
-    frames = slice(start, prefix_len + suffix_len - 1)      # the last frame of delayed codebooks is invalid
-    gap = max(float((text_a - text_b)[:, :, frames].abs().max()),
-              float((audio_a - audio_b)[:, :, frames].abs().max()))
-    return gap, start
+    # The last frame of the delayed codebooks has no logits (invalid in forward too): stop before it.
+    return gap(slice(prefix_len, prefix_len + 2)), gap(slice(start, prefix_len + suffix_len - 1))
 
 
 def test_ttt_state_carries_the_prefix_beyond_the_attention_window():
-    gap_plain, _ = beyond_window_gap(ttt=False)
-    gap_ttt, _ = beyond_window_gap(ttt=True)
-    assert gap_plain < 1e-6      # KV cache only: the prefix is forgotten once out of the window
-    assert gap_ttt > 1e-2        # the TTT inner weights still hold it
+    near_plain, far_plain = beyond_window_gap(ttt=False)
+    near_ttt, far_ttt = beyond_window_gap(ttt=True)
+    assert near_plain > 1e-2 and near_ttt > 1e-2    # inside the window, the prefix shows in both
+    assert far_plain < 1e-6          # KV cache only: the prefix is forgotten once out of the window
+    assert far_ttt > 10 * TOL        # the TTT inner weights still hold it (measured 3.9e-2)
 
 
 def test_fresh_state_workaround_measures_another_model():
@@ -136,8 +149,44 @@ def test_fresh_state_workaround_measures_another_model():
     fresh_text, fresh_audio = torch.stack(text, 2)[:, :, :T], torch.stack(audio, 2)[:, :, :T]
     gap = (fresh_audio - ref.logits).abs()[ref.mask]
     text_gap = (fresh_text - ref.text_logits).abs()[ref.text_mask]
-    assert gap.mean() > 1e-2 and gap.max() > 1e-1
-    assert text_gap.mean() > 1e-2
+    # Measured: audio max 5.7e-2, mean 6.4e-3; text max 9.1e-2, mean 1.0e-2 (step_with_logits: ~1e-6).
+    assert gap.max() > 100 * TOL and gap.mean() > 10 * TOL
+    assert text_gap.max() > 100 * TOL and text_gap.mean() > 10 * TOL
     streamed_text, streamed_audio = teacher_forced_logits(lm, codes)
     assert_close_on_mask(streamed_audio, ref.logits, ref.mask)
     assert_close_on_mask(streamed_text, ref.text_logits, ref.text_mask)
+
+
+def test_exec_mask_and_reset_with_ttt():
+    """Item 1 is paused for 3 steps across a mini-batch end, after a reset of item 0 alone: each item's
+    logits still equal LMModel.forward on its own codes."""
+    lm = ttt_lm(mini_batch_size=4)
+    dep_q, T = lm.dep_q, 12
+    codes = random_codes(lm, 2, T, seed=4)
+    other = random_codes(lm, 2, 5, seed=5)
+    with torch.no_grad():
+        ref = lm(codes)
+    paused = {3, 4, 5}
+    lm_gen = LMGen(lm, use_sampling=False)
+    per_item: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    frame_of = [0, 0]
+    with lm_gen.streaming(2):
+        for step in range(5):      # item 0 has a history that a reset must erase; item 1 starts now
+            lm_gen.set_exec_mask(torch.tensor([True, False]))
+            lm_gen.step_with_logits(other[:, dep_q + 1:, max(step - 1, 0), None], other[:, :1 + dep_q, step, None])
+        lm_gen.reset_streaming(torch.tensor([True, False]))
+        for step in range(T + len(paused) + lm_gen.max_delay):
+            mask = torch.tensor([True, step not in paused])
+            lm_gen.set_exec_mask(mask)
+            f = [min(frame_of[b], T - 1) for b in range(2)]
+            forced = torch.stack([codes[b, :1 + dep_q, f[b], None] if frame_of[b] < T
+                                  else torch.full((1 + dep_q, 1), -2) for b in range(2)])
+            user = torch.stack([codes[b, dep_q + 1:, max(min(frame_of[b] - 1, T - 1), 0), None] for b in range(2)])
+            out = lm_gen.step_with_logits(user, forced)
+            for b in range(2):
+                if out is not None and mask[b] and frame_of[b] >= lm_gen.max_delay:
+                    per_item[b].append(out.audio_logits[b, :, 0])
+                frame_of[b] += int(mask[b])
+    for b in range(2):
+        got = torch.stack(per_item[b][:T], dim=1)                     # [dep_q, T, card]
+        assert_close_on_mask(got[None], ref.logits[b:b + 1], ref.mask[b:b + 1])

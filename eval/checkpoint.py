@@ -1,0 +1,164 @@
+"""Loading a Moshi checkpoint (LM, Mimi, text tokenizer) through moshi's own `loaders.CheckpointInfo`.
+
+Either a Hugging Face repo (`--hf-repo kyutai/moshiko-pytorch-bf16`, each file overridable by a local
+path or `hf://repo/file`), or local files only: `--config` (the repo's `config.json`), `--moshi-weight`
+and `--mimi-weight` (and optionally `--mimi-config`, `--tokenizer`).
+"""
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+import typing as tp
+
+import torch
+from moshi.models import loaders
+from moshi.models.compression import MimiModel
+from moshi.models.lm import LMModel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded, or a codec that does not fit the model; the message says why."""
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--hf-repo --moshi-weight --mimi-weight --tokenizer --config --mimi-config --device --dtype."""
+    group = parser.add_argument_group("checkpoint (moshi.models.loaders.CheckpointInfo)")
+    group.add_argument("--hf-repo", default=None,
+                       help=f"Hugging Face repo of the checkpoint, e.g. {loaders.DEFAULT_REPO}")
+    group.add_argument("--moshi-weight", default=None, help="LM weights: local path or hf://repo/file")
+    group.add_argument("--mimi-weight", default=None, help="Mimi weights: local path or hf://repo/file")
+    group.add_argument("--tokenizer", default=None, help="text tokenizer (sentencepiece): local path or hf://")
+    group.add_argument("--config", default=None, help="LM config.json (moshi's format), overrides the repo's")
+    group.add_argument("--mimi-config", default=None, help="Mimi config JSON, for a non-default codec")
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="LM dtype (default: bfloat16 on cuda, float32 on cpu)")
+
+
+@dataclass
+class LoadedCheckpoint:
+    lm_model: LMModel                      # eval mode
+    mimi: MimiModel                        # eval mode
+    text_tokenizer: tp.Any | None          # sentencepiece.SentencePieceProcessor, None if no tokenizer file
+    identity: dict = field(default_factory=dict)   # repo, files (path, size), config: what the numbers depend on
+
+
+@dataclass
+class ResolvedCheckpoint:
+    """A checkpoint located (downloaded if needed) but not loaded yet: its identity is known cheaply."""
+    info: loaders.CheckpointInfo
+    device: torch.device
+    dtype: torch.dtype
+    identity: dict
+
+    def load(self) -> LoadedCheckpoint:
+        try:
+            lm_model = self.info.get_moshi(device=self.device, dtype=self.dtype)
+            mimi = self.info.get_mimi(device=self.device)
+        except (RuntimeError, KeyError, TypeError, ValueError, OSError) as exc:
+            raise CheckpointError(f"cannot load the checkpoint {self.identity.get('moshi_weights')} / "
+                                  f"{self.identity.get('mimi_weights')}: {type(exc).__name__}: {exc}") from exc
+        lm_model.eval()
+        mimi.eval()
+        tokenizer = None
+        if Path(self.info.tokenizer).is_file():
+            tokenizer = self.info.get_text_tokenizer()
+        return LoadedCheckpoint(lm_model, mimi, tokenizer, self.identity)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--device: not a torch device: {device!r} ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {device}: CUDA is not available on this machine.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise CheckpointError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}.")
+    return value
+
+
+def _file_identity(path: Path) -> dict:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = None
+    return {"path": str(path.resolve() if path.exists() else path), "size": size}
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> ResolvedCheckpoint:
+    """Locate the checkpoint files (downloading from the hub if a repo is given) without loading them.
+
+    Raises:
+        CheckpointError: neither a repo nor local files given, a local file missing, a download failure.
+    """
+    device = resolve_device(getattr(args, "device", None))
+    dtype = resolve_dtype(getattr(args, "dtype", None), device)
+    hf_repo = getattr(args, "hf_repo", None)
+    local = {"--moshi-weight": args.moshi_weight, "--mimi-weight": args.mimi_weight,
+             "--tokenizer": args.tokenizer, "--config": args.config, "--mimi-config": args.mimi_config}
+    if hf_repo is None:
+        missing = [flag for flag in ("--config", "--moshi-weight", "--mimi-weight") if local[flag] is None]
+        if missing:
+            raise CheckpointError(
+                f"no checkpoint: give --hf-repo (e.g. {loaders.DEFAULT_REPO}), or local files with "
+                f"--config, --moshi-weight and --mimi-weight (missing: {', '.join(missing)}).")
+    for flag, value in local.items():
+        if value is not None and not str(value).startswith("hf://") and not Path(value).is_file():
+            raise CheckpointError(f"{flag}: no such file: {value}")
+    try:
+        info = loaders.CheckpointInfo.from_hf_repo(
+            hf_repo, moshi_weights=args.moshi_weight, mimi_weights=args.mimi_weight,
+            tokenizer=args.tokenizer, config_path=args.config, mimi_config_path=args.mimi_config)
+    except CheckpointError:
+        raise
+    except Exception as exc:   # hub errors (offline, missing repo/file, auth), bad JSON config
+        raise CheckpointError(f"cannot locate the checkpoint (--hf-repo {hf_repo}): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    identity = {
+        "hf_repo": hf_repo,
+        "moshi_weights": _file_identity(Path(info.moshi_weights)),
+        "mimi_weights": _file_identity(Path(info.mimi_weights)),
+        "lm_config": info.lm_config,
+        "mimi_config": info.mimi_config,
+        "model_type": info.model_type,
+        "model_id": info.model_id,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    return ResolvedCheckpoint(info, device, dtype, identity)
+
+
+def load_checkpoint(args: argparse.Namespace) -> LoadedCheckpoint:
+    """The LM (eval mode), Mimi and text tokenizer named by the checkpoint arguments."""
+    return resolve_checkpoint(args).load()
+
+
+def check_codec_fits(lm_model: LMModel, mimi: MimiModel) -> None:
+    """Raise CheckpointError unless Mimi's codes can fill the model's audio streams.
+
+    The model's own stream takes `dep_q` codebooks of `card` entries, the user stream `n_q - dep_q`.
+    """
+    needed = max(lm_model.dep_q, lm_model.n_q - lm_model.dep_q)
+    problems = []
+    if lm_model.dep_q == 0:
+        problems.append("the model has no audio output stream (dep_q = 0)")
+    if mimi.num_codebooks != lm_model.dep_q:
+        problems.append(f"the codec gives {mimi.num_codebooks} codebooks, the model's audio stream takes "
+                        f"dep_q = {lm_model.dep_q}")
+    if mimi.num_codebooks < needed:
+        problems.append(f"the user stream needs {lm_model.n_q - lm_model.dep_q} codebooks")
+    if mimi.cardinality != lm_model.card:
+        problems.append(f"the codec's codebooks have {mimi.cardinality} entries, the model's card is "
+                        f"{lm_model.card}")
+    if problems:
+        raise CheckpointError("the codec does not fit the model: " + "; ".join(problems) + ".")

@@ -1,0 +1,250 @@
+"""Files of an eval run, written so that no finished work is ever lost.
+
+Layout of `<out>`:
+- `config.json`: what determines the per-sequence numbers (model, codec, data, scoring options). A rerun
+  with the same `<out>` must have the same config, else it stops (`ConfigMismatchError`).
+- `sequences/<sequence_id>.npz`: one per finished sequence, written atomically (temporary file +
+  `os.replace`) as soon as the sequence is done: `audio_ce [T]`, `audio_ce_weighted [T]`,
+  `codebook_ce [K, T]` float32, `text_token [T]` int64.
+- `results.json`: configuration, versions, model identity, per-book metadata, metrics, runtime, skipped
+  books; rebuilt from the `.npz` files at the end of every run.
+- `curve.csv`: the per-frame mean over the books reaching each frame.
+- `curve.png`: loss against minutes of context, one line per book and the mean, with the model's
+  attention context marked.
+"""
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+import tempfile
+import typing as tp
+
+import numpy as np
+
+from .metrics import frame_mean
+
+CONFIG_JSON = "config.json"
+RESULTS_JSON = "results.json"
+CURVE_CSV = "curve.csv"
+CURVE_PNG = "curve.png"
+SEQUENCES_DIR = "sequences"
+SEQUENCE_ARRAYS = ("audio_ce", "audio_ce_weighted", "codebook_ce", "text_token")
+
+
+class ReportError(ValueError):
+    """An output directory that cannot be used (foreign configuration, corrupt result file)."""
+
+
+class ConfigMismatchError(ReportError):
+    """The output directory holds results of another configuration."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _atomic_write(path: Path, write: tp.Callable[[tp.BinaryIO], None]) -> None:
+    """Write `path` through a temporary file in the same folder and `os.replace`: all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, _FILE_MODE)      # mkstemp creates 0600; results are ordinary files
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def _json_safe(value: tp.Any) -> tp.Any:
+    """NaN / inf are not JSON: they become None (an absent value is also explained where it matters)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def sequence_path(out_dir: str | Path, sequence_id: str) -> Path:
+    return Path(out_dir) / SEQUENCES_DIR / f"{sequence_id}.npz"
+
+
+def write_sequence(out_dir: str | Path, sequence_id: str, arrays: dict[str, np.ndarray]) -> Path:
+    """Atomically write `<out>/sequences/<sequence_id>.npz` with the arrays of `SEQUENCE_ARRAYS`."""
+    _check_sequence_arrays(sequence_id, arrays)
+    path = sequence_path(out_dir, sequence_id)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(arrays[k]) for k in SEQUENCE_ARRAYS})
+    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return path
+
+
+def _check_sequence_arrays(sequence_id: str, arrays: dict[str, np.ndarray]) -> None:
+    missing = [k for k in SEQUENCE_ARRAYS if k not in arrays]
+    if missing:
+        raise ReportError(f"{sequence_id}: missing arrays {missing} (expected {list(SEQUENCE_ARRAYS)}).")
+    T = np.asarray(arrays["audio_ce"]).shape
+    if len(T) != 1 or T[0] == 0:
+        raise ReportError(f"{sequence_id}: audio_ce must be a non-empty [T] array, got shape {T}.")
+    for k in ("audio_ce_weighted", "text_token"):
+        if np.asarray(arrays[k]).shape != T:
+            raise ReportError(f"{sequence_id}: {k} must have shape {T}, got {np.asarray(arrays[k]).shape}.")
+    cb = np.asarray(arrays["codebook_ce"]).shape
+    if len(cb) != 2 or cb[1] != T[0]:
+        raise ReportError(f"{sequence_id}: codebook_ce must have shape [K, {T[0]}], got {cb}.")
+
+
+def read_sequence(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a sequence file; ReportError naming the file if it is unreadable or inconsistent."""
+    path = Path(path)
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:   # zipfile / pickle / OS errors: the file is not a sequence file
+        raise ReportError(f"cannot read sequence file {path}: {exc}") from exc
+    _check_sequence_arrays(str(path), arrays)
+    return arrays
+
+
+def check_or_write_config(out_dir: str | Path, config: dict) -> bool:
+    """Store `config` in `<out>/config.json`, or check it equals the stored one.
+
+    Returns True if the directory already had this configuration (a resume). A stored config without
+    any finished sequence (a run that failed early) is replaced.
+    Raises:
+        ConfigMismatchError: `<out>` holds results of another configuration; names the differing keys.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / CONFIG_JSON
+    config = json.loads(json.dumps(_json_safe(config)))          # the form it takes on disk
+    has_results = (out_dir / SEQUENCES_DIR).is_dir() and any((out_dir / SEQUENCES_DIR).glob("*.npz"))
+    if path.exists() and not has_results:
+        # A run that failed before finishing any sequence (bad checkpoint, bad data): nothing to protect.
+        path.unlink()
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ReportError(f"cannot read {path}: {exc}. Use another --out, or delete the folder.") from exc
+        if stored != config:
+            keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+            diffs = "; ".join(f"{k}: stored {stored.get(k)!r}, now {config.get(k)!r}" for k in keys[:5])
+            raise ConfigMismatchError(
+                f"--out {out_dir} holds results of another configuration ({diffs}). Use another --out, "
+                f"or delete {out_dir} to start over.")
+        return True
+    if has_results:
+        raise ConfigMismatchError(f"--out {out_dir} holds sequence results but no {CONFIG_JSON}: they cannot "
+                                  "be attributed to a configuration. Use another --out.")
+    write_json_atomic(path, config)
+    return False
+
+
+def write_curve_csv(path: str | Path, sequences: dict[str, dict[str, np.ndarray]], frame_rate: float) -> None:
+    """`curve.csv`: per frame, the number of sequences reaching it and the mean of each loss over them.
+
+    Columns: frame, minutes (frame / frame_rate / 60), num_sequences, audio_ce, audio_ce_weighted,
+    codebook_0_ce ... codebook_{K-1}_ce.
+    """
+    if not sequences:
+        raise ReportError("no finished sequence to write a curve of.")
+    items = list(sequences.values())
+    plain = frame_mean([s["audio_ce"] for s in items])
+    weighted = frame_mean([s["audio_ce_weighted"] for s in items])
+    K = items[0]["codebook_ce"].shape[0]
+    books = [frame_mean([s["codebook_ce"][k] for s in items]) for k in range(K)]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["frame", "minutes", "num_sequences", "audio_ce", "audio_ce_weighted"]
+                    + [f"codebook_{k}_ce" for k in range(K)])
+    for t in range(plain.num_frames):
+        if plain.count[t] == 0:
+            continue
+        writer.writerow([t, f"{t / frame_rate / 60:.5f}", int(plain.count[t]), f"{plain.mean[t]:.6f}",
+                         f"{weighted.mean[t]:.6f}"] + [f"{b.mean[t]:.6f}" for b in books])
+    write_text_atomic(path, out.getvalue())
+
+
+def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (causal: the value at t averages frames (t - window, t]); NaN-free input."""
+    if window <= 1:
+        return y
+    c = np.cumsum(np.concatenate([[0.0], y]))
+    end = np.arange(1, len(y) + 1)
+    start = np.maximum(end - window, 0)
+    out = (c[end] - c[start]) / (end - start)
+    return out
+
+
+def smoothing_window(num_frames: int) -> int:
+    """Frames averaged in the plot: 1/50 of the longest book, at least 1 and at most 125 (10 s)."""
+    return int(min(125, max(1, num_frames // 50)))
+
+
+def plot_curve(path: str | Path, sequences: dict[str, np.ndarray], frame_rate: float,
+               context: int | None, title: str = "", ylabel: str = "audio cross-entropy (nats)") -> None:
+    """`curve.png`: loss `[T_i]` of each book and the mean, against minutes of context (matplotlib Agg).
+
+    A vertical line marks the model's attention context (`context` frames): to its right, the KV cache no
+    longer holds the start of the book, so only recurrent state can carry it.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not sequences:
+        raise ReportError("no finished sequence to plot.")
+    T = max(len(v) for v in sequences.values())
+    window = smoothing_window(T)
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    try:
+        for name, values in sequences.items():
+            v = np.asarray(values, dtype=np.float64)
+            ok = np.isfinite(v)
+            x = np.arange(len(v))[ok] / frame_rate / 60
+            ax.plot(x, _moving_average(v[ok], window), lw=0.8, alpha=0.5, label=name if len(sequences) <= 8 else None)
+        curve = frame_mean([np.asarray(v) for v in sequences.values()])
+        reached = curve.count > 0
+        x = np.arange(T)[reached] / frame_rate / 60
+        ax.plot(x, _moving_average(curve.mean[reached], window), color="black", lw=2.0,
+                label=f"mean over books ({len(sequences)})")
+        if context is not None:
+            minutes = context / frame_rate / 60
+            ax.axvline(minutes, color="red", ls="--", lw=1.2)
+            ax.text(minutes, 0.98, f" attention context\n ({context} frames = {minutes:.2f} min)",
+                    color="red", transform=ax.get_xaxis_transform(), va="top", ha="left", fontsize=8)
+        ax.set_xlabel("context (minutes of audio before the frame)")
+        smooth = f", moving average over {window} frames" if window > 1 else ""
+        ax.set_ylabel(ylabel + smooth)
+        ax.set_title(title or "per-frame loss against context")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    _atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))

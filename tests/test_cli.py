@@ -1,0 +1,277 @@
+"""`moshi-eval` end to end through moshi's real loader (tiny checkpoint on disk) and LibriLight folders.
+
+In-process `main([...])` for speed; a subprocess only for the SIGTERM test.
+"""
+import csv
+import json
+import os
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from moshi.utils.compile import no_compile
+from safetensors.torch import load_file, save_file
+
+from checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
+from moshi_eval import report
+from moshi_eval.cli import main
+from moshi_eval.codes import encode_book
+from moshi_eval.data import discover_books
+
+FAST = ["--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = write_tiny_checkpoint(root / "ckpt")
+    # 3 books of different lengths (about 56, 38 and 44 frames), 2 chapters each.
+    audio = write_librilight_folder(root / "libri", books=3, chapters=2, seconds=[2.5, 2.0, 1.5, 1.5, 3.0, 0.5])
+    return {"root": root, "ckpt": ckpt, "audio": audio, "cache": root / "cache"}
+
+
+def _run(world, out, *extra, audio=None, ckpt_args=None):
+    args = ["librilight", "--audio-dir", str(audio or world["audio"]), "--out", str(out),
+            "--cache-dir", str(world["cache"]), *FAST, *(ckpt_args or world["ckpt"]["cli_args"]), *extra]
+    return main(args), args
+
+
+def _results(out):
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def _npz(out):
+    return {p.stem: report.read_sequence(p) for p in sorted((Path(out) / "sequences").glob("*.npz"))}
+
+
+def test_librilight_outputs_consistent_and_cache_hit(world, capsys):
+    out = world["root"] / "out_default"
+    code, _ = _run(world, out, "--batch-size", "2", "--report-at", "10,40,5000", "--report-window", "5",
+                   "--bucket", "20")
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "frames/s" in summary and "3 book(s)" in summary
+    res = _results(out)
+    seqs = _npz(out)
+    assert res["num_books"] == 3 and len(seqs) == 3 and res["skipped"] == []
+    frames = {b["sequence_id"]: b["frames"] for b in res["books"]}
+    assert frames == {sid: s["audio_ce"].shape[0] for sid, s in seqs.items()}
+    assert len(set(frames.values())) == 3                                  # different lengths
+    for sid, s in seqs.items():
+        T = frames[sid]
+        assert s["codebook_ce"].shape == (8, T) and s["text_token"].shape == (T,)
+        assert np.isfinite(s["codebook_ce"]).all()
+        np.testing.assert_allclose(s["audio_ce"], s["codebook_ce"].mean(0), atol=1e-5)
+        assert ((s["text_token"] >= 0) & (s["text_token"] < 64)).all()      # predicted text tokens
+    assert res["runtime"]["frames"] == sum(frames.values())
+    assert res["runtime"]["frames_per_s"] > 0
+    assert set(res["versions"]) >= {"moshi", "torch", "moshi_patch"}
+    assert res["model"]["context"] == 24 and res["model"]["dep_q"] == 8
+    assert res["codec"]["num_codebooks"] == 8
+    # Metrics: the mean curve at frame 10 is the mean over the 3 books, frame 5000 absent with a reason.
+    at = res["metrics"]["audio_ce"]["positions"]
+    assert at[0]["present"] and at[0]["point_count"] == 3
+    assert at[0]["point"] == pytest.approx(np.mean([s["audio_ce"][10] for s in seqs.values()]), abs=1e-5)
+    assert at[1]["point_count"] == sum(1 for T in frames.values() if T > 40)
+    assert not at[2]["present"] and at[2]["point"] is None and "5000" in at[2]["absent_reason"]
+    assert len(res["metrics"]["codebook_ce"]) == 8
+    rows = list(csv.DictReader((out / "curve.csv").open()))
+    assert len(rows) == max(frames.values())
+    assert [int(r["num_sequences"]) for r in rows] == [sum(1 for T in frames.values() if T > t)
+                                                         for t in range(len(rows))]
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["runtime"]["code_cache"]["misses"] == 6
+
+    # A second run (other --out, same cache): every chapter comes from the code cache, same numbers.
+    out2 = world["root"] / "out_default_again"
+    assert _run(world, out2, "--batch-size", "2")[0] == 0
+    res2 = _results(out2)
+    assert res2["runtime"]["code_cache"] == dict(res["runtime"]["code_cache"], hits=6, misses=0)
+    for sid, s in _npz(out2).items():
+        np.testing.assert_allclose(s["codebook_ce"], seqs[sid]["codebook_ce"], atol=1e-5)
+
+    # Same --out again: nothing left to score, results.json rebuilt from the files.
+    assert _run(world, out, "--batch-size", "2")[0] == 0
+    res3 = _results(out)
+    assert res3["runtime"]["frames"] == 0 and res3["runtime"]["frames_per_s"] is None
+    assert res3["runtime"]["books_resumed"] == 3 and res3["num_books"] == 3
+
+
+def _forward_codebook_ce(lm, codes: torch.Tensor) -> np.ndarray:
+    """[8, T] CE from LMModel.forward: text = padding id, user stream -1, audio padded by -1 (max_delay)."""
+    delay = max(lm.delays)
+    T = codes.shape[1]
+    audio = torch.cat([codes, torch.full((8, delay), -1)], dim=1)
+    n = T + delay
+    full = torch.cat([torch.full((1, n), lm.text_padding_token_id), audio,
+                      torch.full((lm.n_q - lm.dep_q, n), -1)], dim=0)[None]
+    with torch.no_grad(), no_compile():
+        logits = lm(full).logits[0, :, :T].float()                        # [8, T, card]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1),
+                           reduction="none").reshape(8, T).numpy()
+
+
+def test_oracle_through_cli_and_interrupted_run_resumes(world, monkeypatch, capsys):
+    """--text pad --user-stream zero: saved codebook_ce == LMModel.forward CE (1e-4); resume == uninterrupted."""
+    opts = ["--text", "pad", "--user-stream", "zero", "--batch-size", "2"]
+    full = world["root"] / "out_pad_full"
+    assert _run(world, full, *opts)[0] == 0
+    lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
+    seqs = _npz(full)
+    for book in discover_books(world["audio"]):
+        codes = encode_book(mimi, book)
+        np.testing.assert_allclose(seqs[book.sequence_id]["codebook_ce"], _forward_codebook_ce(lm, codes),
+                                   atol=1e-4, rtol=0)
+        assert (seqs[book.sequence_id]["text_token"] == lm.text_padding_token_id).all()
+
+    # Interrupted after the first finished book (as Ctrl-C would, between two frames).
+    out = world["root"] / "out_pad_resumed"
+    real_write = report.write_sequence
+    written = []
+
+    def write_then_interrupt(*args, **kwargs):
+        path = real_write(*args, **kwargs)
+        written.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_sequence", write_then_interrupt)
+    code, argv = _run(world, out, *opts)
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Resume with the same command" in err and ("moshi-eval " + " ".join(argv)) in err
+    assert len(written) == 1 and not (out / "results.json").exists()
+    first = report.read_sequence(written[0])
+    monkeypatch.setattr(report, "write_sequence", real_write)
+
+    assert _run(world, out, *opts)[0] == 0
+    res = _results(out)
+    assert res["runtime"]["books_resumed"] == 1 and res["num_books"] == 3
+    resumed = _npz(out)
+    np.testing.assert_array_equal(resumed[written[0].stem]["codebook_ce"], first["codebook_ce"])
+    assert resumed.keys() == seqs.keys()
+    for sid in seqs:
+        np.testing.assert_allclose(resumed[sid]["codebook_ce"], seqs[sid]["codebook_ce"], atol=1e-5)
+    ref = _results(full)["metrics"]["audio_ce"]
+    assert res["metrics"]["audio_ce"]["mean"] == pytest.approx(ref["mean"], abs=1e-5)
+
+    # The same --out with another configuration: refused, nothing overwritten.
+    before = (out / "results.json").read_bytes()
+    assert _run(world, out, "--text", "predicted", "--user-stream", "zero")[0] == 1
+    assert "another configuration" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_sigterm_keeps_finished_books_and_prints_resume_command(world):
+    # 3 books of 75 frames: one synthesized chapter, copied (writing FLAC in numpy is the slow part).
+    audio = write_librilight_folder(world["root"] / "libri_long", books=1, chapters=1, seconds=6.0, seed=5)
+    for b in (1, 2):
+        shutil.copytree(audio / "spk0", audio / f"spk{b}")
+    out = world["root"] / "out_sigterm"
+    args = ["librilight", "--audio-dir", str(audio), "--out", str(out), "--cache-dir", str(world["cache"]),
+            "--batch-size", "1", "--text", "pad", *FAST, *world["ckpt"]["cli_args"]]
+    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "moshi_eval", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    try:
+        while not list((out / "sequences").glob("*.npz")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no sequence finished in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Resume with the same command" in err
+    done = list((out / "sequences").glob("*.npz"))
+    assert 1 <= len(done) < 3
+    for p in done:
+        report.read_sequence(p)                        # complete, readable files
+    assert not [p for p in (out / "sequences").iterdir() if p.suffix != ".npz"]   # no temporary leftovers
+    assert main(args) == 0
+    res = _results(out)
+    assert res["num_books"] == 3 and res["runtime"]["books_resumed"] == len(done)
+
+
+def test_unreadable_book_skipped_or_strict(world, capsys):
+    audio = world["root"] / "libri_corrupt"
+    shutil.copytree(world["audio"], audio)
+    bad = audio / "spk1" / "book1" / "ch2.flac"
+    bad.write_bytes(b"fLaC" + b"\x00" * 100)
+    out = world["root"] / "out_corrupt"
+    assert _run(world, out, audio=audio)[0] == 0
+    res = _results(out)
+    assert res["num_books"] == 2
+    assert [s["sequence_id"] for s in res["skipped"]] == ["spk1__book1"]
+    assert str(bad) in res["skipped"][0]["reason"] and res["skipped"][0]["path"] == str(bad)
+    assert "spk1__book1" not in _npz(out)
+    capsys.readouterr()
+    assert _run(world, world["root"] / "out_corrupt_strict", "--strict", audio=audio)[0] == 1
+    err = capsys.readouterr().err
+    assert "error" in err and str(bad) in err
+
+
+def test_bad_inputs_give_clear_errors(world, tmp_path, capsys):
+    def fails(match, *extra, **kw):
+        code, _ = _run(world, tmp_path / f"out{len(os.listdir(tmp_path))}", *extra, **kw)
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert match in err, err
+        assert "Traceback" not in err
+
+    fails("does not exist", audio=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    fails("is empty", audio=tmp_path / "empty")
+    (tmp_path / "noaudio" / "spk" / "book").mkdir(parents=True)
+    (tmp_path / "noaudio" / "spk" / "book" / "notes.txt").write_text("x")
+    fails("no audio files", audio=tmp_path / "noaudio")
+    fails("every book is shorter than --min-frames 500", "--min-frames", "500")
+    fails("larger than --max-frames", "--min-frames", "50", "--max-frames", "10")
+    fails("no checkpoint: give --hf-repo", ckpt_args=["--moshi-weight", str(world["ckpt"]["moshi_weights"])])
+    fails("--moshi-weight: no such file",
+          ckpt_args=["--config", str(world["ckpt"]["config_path"]), "--moshi-weight", str(tmp_path / "x"),
+                     "--mimi-weight", str(world["ckpt"]["mimi_weights"])])
+
+    # A codec that does not fit the model: LM with card 32, Mimi with 64 entries per codebook.
+    small = write_tiny_checkpoint(tmp_path / "ckpt32", card=32)
+    args = list(small["cli_args"])
+    args[args.index("--mimi-weight") + 1] = str(world["ckpt"]["mimi_weights"])
+    args[args.index("--mimi-config") + 1] = str(world["ckpt"]["mimi_config_path"])
+    fails("codec does not fit the model", ckpt_args=args)
+
+    # Non-finite logits: a NaN in codebook 2's output projection.
+    poisoned = tmp_path / "poisoned.safetensors"
+    state = load_file(str(world["ckpt"]["moshi_weights"]))
+    state["linears.2.weight"][0, 0] = float("nan")
+    save_file(state, str(poisoned))
+    args = list(world["ckpt"]["cli_args"])
+    args[args.index("--moshi-weight") + 1] = str(poisoned)
+    fails("non-finite logits for spk0__book0 at frame 0 (audio codebook 2)", "--num-books", "1",
+          ckpt_args=args)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["librilight", "--audio-dir", str(world["audio"]), "--out", str(tmp_path), "--batch-size", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_demo_command(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--max-chapters", "1", "--max-frames", "80",
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert code == 0
+    res = _results(out)
+    seqs = _npz(out)
+    assert res["num_books"] == len(seqs) == 2
+    assert all(s["audio_ce"].shape == (80,) for s in seqs.values())
+    assert res["model"]["demo"] is True and res["model"]["context"] == 250
+    assert (out / "curve.png").exists() and (out / "curve.csv").exists()
+    assert "frames/s" in capsys.readouterr().out

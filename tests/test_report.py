@@ -1,0 +1,111 @@
+"""moshi_eval.report: atomic sequence files, config guard, curve.csv against numpy, the plot."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from moshi_eval import report
+
+
+def _arrays(T, K=8, seed=0):
+    rng = np.random.default_rng(seed)
+    cb = rng.uniform(1, 9, size=(K, T)).astype(np.float32)
+    w = np.ones(K)
+    w[0] = 100
+    return {"audio_ce": cb.mean(0), "audio_ce_weighted": (cb * w[:, None]).sum(0) / w.sum(),
+            "codebook_ce": cb, "text_token": rng.integers(0, 50, size=T)}
+
+
+def test_sequence_roundtrip_is_atomic(tmp_path):
+    arrays = _arrays(17)
+    path = report.write_sequence(tmp_path, "spk__book", arrays)
+    assert path == tmp_path / "sequences" / "spk__book.npz"
+    back = report.read_sequence(path)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(back[k], v)
+    # Only the final file is left: no temporary file next to it.
+    assert [p.name for p in (tmp_path / "sequences").iterdir()] == ["spk__book.npz"]
+
+
+def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
+    report.write_sequence(tmp_path, "a", _arrays(5))
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_sequence(tmp_path, "a", _arrays(9, seed=1))
+    assert report.read_sequence(tmp_path / "sequences" / "a.npz")["audio_ce"].shape == (5,)
+    assert len(list((tmp_path / "sequences").iterdir())) == 1
+
+
+def test_bad_sequence_arrays_and_files(tmp_path):
+    bad = _arrays(5)
+    bad["text_token"] = bad["text_token"][:4]
+    with pytest.raises(report.ReportError, match="text_token must have shape"):
+        report.write_sequence(tmp_path, "x", bad)
+    missing = _arrays(5)
+    del missing["codebook_ce"]
+    with pytest.raises(report.ReportError, match="missing arrays"):
+        report.write_sequence(tmp_path, "x", missing)
+    corrupt = tmp_path / "c.npz"
+    corrupt.write_bytes(b"not a zip")
+    with pytest.raises(report.ReportError, match="cannot read sequence file .*c.npz"):
+        report.read_sequence(corrupt)
+
+
+def test_config_guard(tmp_path):
+    cfg = {"model": {"path": "/m", "size": 3}, "text": "pad", "max_frames": None}
+    assert report.check_or_write_config(tmp_path, cfg) is False
+    # No finished sequence yet (e.g. the first run failed on a bad checkpoint): another config replaces it.
+    assert report.check_or_write_config(tmp_path, dict(cfg, text="predicted")) is False
+    assert report.check_or_write_config(tmp_path, cfg) is False
+    report.write_sequence(tmp_path, "a", _arrays(3))
+    assert report.check_or_write_config(tmp_path, dict(cfg)) is True
+    with pytest.raises(report.ConfigMismatchError, match="text: stored 'pad', now 'predicted'"):
+        report.check_or_write_config(tmp_path, dict(cfg, text="predicted"))
+    # Results without a stored config cannot be attributed: refused too.
+    other = tmp_path / "other"
+    report.write_sequence(other, "a", _arrays(3))
+    with pytest.raises(report.ConfigMismatchError, match="no config.json"):
+        report.check_or_write_config(other, cfg)
+
+
+def test_json_has_no_nan(tmp_path):
+    report.write_json_atomic(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(2)})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [1.0, None], "c": 2.0}
+
+
+def test_curve_csv_matches_numpy(tmp_path):
+    seqs = {"a": _arrays(30, seed=1), "b": _arrays(12, seed=2)}
+    report.write_curve_csv(tmp_path / "curve.csv", seqs, frame_rate=12.5)
+    rows = list(csv.DictReader((tmp_path / "curve.csv").open()))
+    assert len(rows) == 30
+    for t in (0, 11, 12, 29):
+        row = rows[t]
+        present = [s for s in seqs.values() if t < len(s["audio_ce"])]
+        assert int(row["frame"]) == t and int(row["num_sequences"]) == len(present)
+        assert float(row["minutes"]) == pytest.approx(t / 12.5 / 60, abs=1e-5)
+        assert float(row["audio_ce"]) == pytest.approx(np.mean([s["audio_ce"][t] for s in present]), abs=1e-5)
+        assert float(row["audio_ce_weighted"]) == pytest.approx(
+            np.mean([s["audio_ce_weighted"][t] for s in present]), abs=1e-5)
+        assert float(row["codebook_3_ce"]) == pytest.approx(
+            np.mean([s["codebook_ce"][3, t] for s in present]), abs=1e-5)
+
+
+def test_moving_average_is_trailing_mean():
+    y = np.arange(10, dtype=np.float64)
+    got = report._moving_average(y, 3)
+    ref = [np.mean(y[max(0, t - 2): t + 1]) for t in range(10)]
+    np.testing.assert_allclose(got, ref)
+
+
+def test_plot_writes_png(tmp_path):
+    seqs = {"a": _arrays(300)["audio_ce"], "b": _arrays(200, seed=3)["audio_ce"]}
+    report.plot_curve(tmp_path / "curve.png", seqs, frame_rate=12.5, context=100, title="t")
+    data = (tmp_path / "curve.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    with pytest.raises(report.ReportError, match="no finished sequence"):
+        report.plot_curve(tmp_path / "x.png", {}, 12.5, None)
