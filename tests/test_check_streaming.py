@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from moshi.utils.compile import no_compile
 
 import moshi_eval.check as check
 from moshi_eval.check import DIVERGENCE_MEANING, check_streaming
@@ -12,12 +11,6 @@ from moshi_eval.cli import main
 from moshi_patch.ttt import TTTLinear, add_ttt_layers, ttt_layers
 
 from lm_factory import make_lm
-
-
-@pytest.fixture(autouse=True)
-def _no_compile():
-    with no_compile():
-        yield
 
 
 class ForgetfulTTT(TTTLinear):

@@ -4,23 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from moshi.utils.compile import no_compile
 
 from checkpoint_factory import make_tiny_mimi, synthetic_speechlike, write_flac, write_librilight_folder
 from moshi_eval import codes as codes_mod
 from moshi_eval.codes import CodeCache, codec_identity, encode_audio, encode_book, silence_codes
 from moshi_eval.data import AudioReadError, discover_books, read_audio
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_no_compile():
-    # Tiny models: one thread is faster (far faster on a shared, loaded machine), and moshi's lazy
-    # torch.compile of rope/gating/norm would spend seconds compiling for each new shape on CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with no_compile():
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import sentencepiece
 import torch
-from moshi.utils.compile import no_compile
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from safetensors.torch import load_file
@@ -15,17 +14,6 @@ from checkpoint_factory import (load_tiny_checkpoint, make_tiny_mimi, write_libr
 from moshi_eval.codes import encode_audio
 from moshi_eval.data import discover_books, read_audio
 from moshi_eval.demo import ASSETS_DIR, DEMO_LM_KWARGS, demo_audiobook, demo_lm, demo_mimi
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_no_compile():
-    # Tiny models: one thread is faster (far faster on a shared, loaded machine), and moshi's lazy
-    # torch.compile of rope/gating/norm would spend seconds compiling for each new shape on CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with no_compile():
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ TTT state) measures a different model.
 """
 import pytest
 import torch
-from moshi.utils.compile import no_compile
 
 from moshi_eval.check import teacher_forced_logits
 from moshi_patch import LMGen
@@ -15,13 +14,6 @@ from moshi_patch.ttt import add_ttt_layers, ttt_layers
 from lm_factory import make_lm, random_codes
 
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def _no_compile():
-    # Moshi lazily torch.compiles its output norm: tens of seconds on a CPU for nothing.
-    with no_compile():
-        yield
 
 
 def ttt_lm(context: int = 8, ttt: bool = True, layers=(0, 1), mini_batch_size: int = 4, **kwargs):
