@@ -21,7 +21,7 @@ from moshi.utils.compile import no_compile
 from moshi_patch import LMGen
 from moshi_patch.ttt import add_ttt_layers
 
-from .checkpoint import add_checkpoint_arguments, load_checkpoint, resolve_device, resolve_dtype
+from .checkpoint import CheckpointError, add_checkpoint_arguments, load_checkpoint, resolve_device, resolve_dtype
 from .demo import demo_lm
 
 # Default tolerance on |logit difference| per model dtype. float32: streaming and forward agree to ~1e-6,
@@ -233,7 +233,10 @@ def run_check_streaming(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         lm_model = demo_lm(seed=args.seed, device=device, dtype=resolve_dtype(args.dtype, device))
     else:
-        lm_model = load_checkpoint(args).lm_model
+        try:
+            lm_model = load_checkpoint(args).lm_model
+        except CheckpointError as error:  # Exit 1 means "inconsistent": a checkpoint that won't load is 2.
+            return usage_error(str(error))
     if args.ttt_layers:
         torch.manual_seed(args.seed)
         try:

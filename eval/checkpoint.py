@@ -120,8 +120,6 @@ def resolve_checkpoint(args: argparse.Namespace) -> ResolvedCheckpoint:
         info = loaders.CheckpointInfo.from_hf_repo(
             hf_repo, moshi_weights=args.moshi_weight, mimi_weights=args.mimi_weight,
             tokenizer=args.tokenizer, config_path=args.config, mimi_config_path=args.mimi_config)
-    except CheckpointError:
-        raise
     except Exception as exc:   # hub errors (offline, missing repo/file, auth), bad JSON config
         raise CheckpointError(f"cannot locate the checkpoint (--hf-repo {hf_repo}): "
                               f"{type(exc).__name__}: {exc}") from exc

@@ -35,7 +35,7 @@ from . import report
 from .checkpoint import (CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, check_codec_fits,
                          resolve_checkpoint)
 from .codes import CodeCache, codec_identity, encode_book, silence_codes
-from .data import AudioReadError, Book, DataError, discover_books, select_books
+from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT, summarize
 from .scoring import NonFiniteLossError, TEXT_MODES, USER_STREAMS, score_sequences
@@ -403,8 +403,42 @@ def _command(argv: list[str]) -> str:
     return "moshi-eval " + shlex.join(argv)
 
 
+# Mimi's frame rate, to turn --min-frames into seconds before anything is encoded.
+MIMI_FRAME_RATE = 12.5
+
+
+def select_librilight_books(args: argparse.Namespace) -> list[Book]:
+    """The first `--num-books` books (cut to `--max-chapters`) that can reach `--min-frames`.
+
+    The length filter runs before counting the books and before encoding, on the durations of the file
+    headers, so that `--num-books 50 --min-frames 24000` scores 50 long books without encoding the short
+    ones. The exact frame count is checked again after encoding. A book whose header cannot be read is
+    kept: its encoding reports it (skipped and listed, or the run fails with --strict).
+    """
+    books = select_books(discover_books(args.audio_dir), None, args.max_chapters)
+    if args.min_frames is None:
+        return books[:args.num_books]
+    min_seconds = args.min_frames / MIMI_FRAME_RATE
+    chosen: list[Book] = []
+    longest = 0.
+    for book in books:
+        if args.num_books is not None and len(chosen) == args.num_books:
+            break
+        try:
+            seconds = book_seconds(book)
+        except AudioReadError:
+            seconds = float("inf")
+        longest = max(longest, seconds)
+        if seconds >= min_seconds:
+            chosen.append(book)
+    if not chosen:
+        raise DataError(f"every book is shorter than --min-frames {args.min_frames} frames = {min_seconds:.1f} s "
+                        f"(longest: {longest:.1f} s) under {args.audio_dir}.")
+    return chosen
+
+
 def run_librilight(args: argparse.Namespace) -> int:
-    books = select_books(discover_books(args.audio_dir), args.num_books, args.max_chapters)
+    books = select_librilight_books(args)
     resolved = resolve_checkpoint(args)
     job = EvalJob(argv=args.argv, out=args.out, audio_dir=args.audio_dir, books=books, load=resolved.load,
                   identity=resolved.identity, args=args)

@@ -33,9 +33,6 @@ from .data import AudioReadError, Book, read_audio
 
 logger = logging.getLogger(__name__)
 
-FRAME_SIZE_HINT = 1920
-"""Mimi's frame: `mimi.frame_size` samples (1920 at 24 kHz and 12.5 Hz). Always read it from the model."""
-
 _CACHE_FORMAT = 1  # bump when the stored layout or the encoding procedure changes
 
 
@@ -265,5 +262,5 @@ def encode_book(mimi: MimiModel, book: Book, cache: CodeCache | None = None, chu
     return torch.cat(parts, dim=-1)
 
 
-__all__ = ["FRAME_SIZE_HINT", "CodeCache", "codec_identity", "encode_audio", "encode_book", "file_sha256",
+__all__ = ["CodeCache", "codec_identity", "encode_audio", "encode_book", "file_sha256",
            "silence_codes"]

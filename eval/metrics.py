@@ -16,7 +16,7 @@ DEFAULT_BUCKET = 1000
 @dataclass
 class Curve:
     """Per-frame mean over the sequences that reach each frame."""
-    mean: np.ndarray   # [T_max] float64; NaN where count == 0 (cannot happen below the longest length)
+    mean: np.ndarray   # [T_max] float64; NaN where count == 0 (no sequence has a finite value there)
     count: np.ndarray  # [T_max] int64: number of sequences with a finite value at that frame
 
     @property
@@ -40,7 +40,7 @@ class PositionValue:
 @dataclass
 class Bucket:
     start: int          # first frame (inclusive)
-    end: int            # last frame (exclusive)
+    end: int            # nominal end, start + bucket size (exclusive); `frames` says how many are reached
     mean: float         # mean of the curve over the bucket's reached frames
     frames: int         # reached frames in the bucket (< end - start for the last, partial bucket)
     min_count: int      # fewest sequences at any of those frames

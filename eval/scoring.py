@@ -22,7 +22,7 @@ from moshi.utils.compile import no_compile
 import torch
 from tqdm import tqdm
 
-from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT, audio_cross_entropy
+from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT, audio_cross_entropy, codebook_weights
 
 USER_STREAMS = ("silence", "zero")
 TEXT_MODES = ("predicted", "pad")
@@ -114,6 +114,9 @@ def _user_tokens(user_stream: str, silence: torch.Tensor | None, num_user: int) 
     if user_stream not in USER_STREAMS:
         raise ValueError(f"user_stream must be one of {USER_STREAMS}, got {user_stream!r}.")
     if user_stream == "zero":
+        if silence is not None:
+            raise ValueError("silence was given but user_stream='zero' feeds no input: pass "
+                             "user_stream='silence' to use it, or silence=None.")
         return None
     if silence is None:
         raise ValueError("user_stream='silence' needs `silence`: the Mimi codes of digital silence, "
@@ -167,9 +170,7 @@ def score(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_stream: 
                          "use_sampling=False (got use_sampling=True).")
     if max_frames is not None and max_frames <= 0:
         raise ValueError(f"max_frames must be positive, got {max_frames}.")
-    if isinstance(codes, torch.Tensor) and codes.dim() != 3:
-        raise ValueError(f"codes must be [B, {K}, T] or a list of [{K}, T_i], got a tensor of shape "
-                         f"{tuple(codes.shape)}.")
+    codebook_weights(K, first_codebook_weight)  # Checked before streaming starts.
     num = len(codes)
     ids = list(sequence_ids) if sequence_ids is not None else [f"sequence {i}" for i in range(num)]
     if len(ids) != num:
@@ -185,11 +186,13 @@ def score(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_stream: 
     B, T = batch.shape[0], max(lens)
     delay = lm_gen.max_delay
     lens_t = torch.tensor(lens, device=device)
-    # Codes padded with the zero token after each sequence's end and for the `max_delay` flush steps.
-    forced_audio = torch.full((B, K, T + delay), lm_model.zero_token_id, dtype=torch.long, device=device)
-    forced_audio[:, :, :T] = batch[:, :, :T].to(device)
+    # Codes padded with the zero token after each sequence's end and for the `max_delay` flush steps. They
+    # stay on the CPU: `step_with_logits` range-checks forced tokens where they are, so no device sync.
+    forced_audio = torch.full((B, K, T + delay), lm_model.zero_token_id, dtype=torch.long)
+    forced_audio[:, :, :T] = batch[:, :, :T]
+    targets_all = forced_audio.to(device)
     text_value = lm_model.ungenerated_token_id if text == "predicted" else lm_model.text_padding_token_id
-    text_col = torch.full((B, 1), text_value, dtype=torch.long, device=device)
+    text_col = torch.full((B, 1), text_value, dtype=torch.long)
     if user is None:
         user_step = torch.full((B, num_user, 1), lm_model.zero_token_id, dtype=torch.long, device=device)
     else:
@@ -222,7 +225,7 @@ def score(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_stream: 
                 raise RuntimeError(f"step_with_logits returned no audio logits at step {step} (frame {frame}).")
             valid = frame < lens_t                                      # [B]
             logits = out.audio_logits[:, :, 0]                           # [B, K, card]
-            targets = forced_audio[:, :, frame]                          # [B, K]
+            targets = targets_all[:, :, frame]                           # [B, K]
             # Targets were range-checked once above: no per-step check (it would sync the device).
             ce = audio_cross_entropy(logits, targets, first_codebook_weight, mask=valid[:, None],
                                      check_targets=False)

@@ -100,8 +100,12 @@ def _forgetful_into(lm, layers, mini_batch_size):
     return lm
 
 
-def test_cli_usage_errors(capsys):
+def test_cli_usage_errors(capsys, tmp_path):
     assert main(["check-streaming", "--demo", "--ttt-layers", "0,5", "--frames", "4", "--device", "cpu"]) == 2
     assert "--ttt-layers 0,5" in capsys.readouterr().err
     assert main(["check-streaming", "--demo", "--frames", "0", "--device", "cpu"]) == 2
     assert "--frames" in capsys.readouterr().err
+    # A checkpoint that cannot be loaded is a usage error (2), not an inconsistency (1).
+    assert main(["check-streaming", "--config", str(tmp_path / "missing.json"), "--moshi-weight",
+                 str(tmp_path / "missing.safetensors"), "--device", "cpu"]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 In-process `main([...])` for speed; a subprocess only for the SIGTERM test.
 """
+import argparse
 import csv
 import json
 import os
@@ -23,7 +24,7 @@ from checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, wr
 from moshi_eval import report
 from moshi_eval.cli import main
 from moshi_eval.codes import encode_book
-from moshi_eval.data import discover_books
+from moshi_eval.data import DataError, discover_books
 
 FAST = ["--threads", "1", "--no-progress"]
 
@@ -275,3 +276,18 @@ def test_demo_command(tmp_path, capsys):
     assert res["model"]["demo"] is True and res["model"]["context"] == 250
     assert (out / "curve.png").exists() and (out / "curve.csv").exists()
     assert "frames/s" in capsys.readouterr().out
+
+
+def test_min_frames_filters_books_before_counting_them(tmp_path):
+    """`--num-books 1 --min-frames N` picks the first book long enough, not the first book then a filter."""
+    from moshi_eval.cli import select_librilight_books
+    # spk0's book lasts 2 x 1 s = 25 frames, spk1's 2 x 5 s = 125 frames, spk2's 2 x 6 s = 150 frames.
+    root = write_librilight_folder(tmp_path / "audio", books=3, chapters=2, seconds=[1, 1, 5, 5, 6, 6])
+    args = argparse.Namespace(audio_dir=root, num_books=1, max_chapters=None, min_frames=100)
+    assert [b.speaker for b in select_librilight_books(args)] == ["spk1"]
+    args.num_books = None
+    assert [b.speaker for b in select_librilight_books(args)] == ["spk1", "spk2"]
+    # --max-chapters cuts before the length filter: one 5 s chapter is 62.5 frames.
+    args.max_chapters = 1
+    with pytest.raises(DataError, match="every book is shorter than --min-frames 100"):
+        select_librilight_books(args)

@@ -171,6 +171,9 @@ def test_bad_arguments():
         (dict(codes=[torch.zeros(8, 0, dtype=torch.long)], user_stream="zero"), "no frame"),
         (dict(codes=codes, user_stream="zero", max_frames=0), "max_frames"),
         (dict(codes=torch.zeros(8, 5, dtype=torch.long), user_stream="zero"), "got a tensor of shape"),
+        (dict(codes=codes, user_stream="zero", silence=torch.zeros(8, 3, dtype=torch.long)),
+         "silence was given but user_stream='zero'"),
+        (dict(codes=codes, user_stream="zero", first_codebook_weight=0.), "first_codebook_weight"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
