@@ -57,7 +57,7 @@ class Rendered:
     """The upstream file before and after the patch, and the diff between them."""
 
     source_path: Path  # The upstream lm.py rendered from.
-    moshi_version: str
+    moshi_version: str  # The installed moshi's version, or "from <path>" when rendered from --source.
     original: str
     patched: str
     diff: str  # Unified diff, `a/moshi/models/lm.py` -> `b/moshi/models/lm.py`.
@@ -258,7 +258,11 @@ def render(source_path: Path | str | None = None, patch_source_path: Path | str 
     Raises:
         UpstreamShapeError: the upstream file lacks an anchor the inserted code relies on.
     """
-    source_path = Path(source_path) if source_path is not None else installed_lm_path()
+    if source_path is None:
+        source_path, moshi_version = installed_lm_path(), installed_moshi_version()
+    else:  # Another checkout: its version is not known from here, only where it comes from.
+        source_path = Path(source_path)
+        moshi_version = f"from {source_path}"
     if patch_source_path is None:
         from . import lm as patch_lm  # The module whose LMGen runs this very code.
         patch_source_path = inspect.getsourcefile(patch_lm)
@@ -296,7 +300,7 @@ def render(source_path: Path | str | None = None, patch_source_path: Path | str 
         raise ValueError(f"the rendered {PATCH_PATH} reads names it does not define or import: "
                          f"{sorted(undefined)} (from the marked blocks of {patch_source_path}).")
     diff, added, removed = _diff(original, patched)
-    return Rendered(source_path, installed_moshi_version(), original, patched, diff, added, removed)
+    return Rendered(source_path, moshi_version, original, patched, diff, added, removed)
 
 
 def repo_tests_dir() -> Path:
