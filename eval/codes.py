@@ -18,9 +18,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
-import tempfile
 import typing as tp
 
 import numpy as np
@@ -29,6 +27,7 @@ from moshi.models.compression import MimiModel
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 from moshi.utils.compile import no_cuda_graph
 
+from .atomic import atomic_write
 from .data import AudioReadError, Book, read_audio
 
 logger = logging.getLogger(__name__)
@@ -222,14 +221,7 @@ class CodeCache:
         payload = {"codes": codes.detach().to("cpu").contiguous(), "codec_id": self.codec_id,
                    "source": str(audio_path), "content_sha256": self._content_hash(audio_path),
                    "format": _CACHE_FORMAT}
-        fd, tmp = tempfile.mkstemp(prefix=entry.name + ".", suffix=".tmp", dir=entry.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(entry, lambda f: torch.save(payload, f))
 
 
 def encode_book(mimi: MimiModel, book: Book, cache: CodeCache | None = None, chunk_frames: int = 250,

@@ -16,13 +16,12 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
-import tempfile
 import typing as tp
 
 import numpy as np
 
+from .atomic import atomic_write as _atomic_write
 from .metrics import frame_mean
 
 CONFIG_JSON = "config.json"
@@ -39,31 +38,6 @@ class ReportError(ValueError):
 
 class ConfigMismatchError(ReportError):
     """The output directory holds results of another configuration."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def _atomic_write(path: Path, write: tp.Callable[[tp.BinaryIO], None]) -> None:
-    """Write `path` through a temporary file in the same folder and `os.replace`: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _FILE_MODE)      # mkstemp creates 0600; results are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

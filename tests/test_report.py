@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from moshi_eval import report
+from moshi_eval import atomic, report
 
 
 def _arrays(T, K=8, seed=0):
@@ -34,7 +34,7 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
         report.write_sequence(tmp_path, "a", _arrays(9, seed=1))
     assert report.read_sequence(tmp_path / "sequences" / "a.npz")["audio_ce"].shape == (5,)
