@@ -19,6 +19,7 @@ from moshi.models.lm import LMModel
 from moshi.utils.compile import no_compile
 
 from moshi_patch import LMGen
+from moshi_patch.chunking import MultiFrameStreamingError
 from moshi_patch.ttt import add_ttt_layers
 
 from .checkpoint import CheckpointError, add_checkpoint_arguments, load_checkpoint, resolve_device, resolve_dtype
@@ -53,28 +54,38 @@ class CheckResult:
     tolerance: float
     seed: int
     dtype: str
-    seconds: float                   # wall time of the streaming pass and the forward pass
+    seconds: float                   # wall time of the streaming passes and the forward pass
     streams: list[StreamDiff] = field(default_factory=list)
+    chunk: int = 1                   # frames per step_with_logits call of the checked streaming
+    # With chunk > 1: the chunked logits against the one-frame path's, every frame of every stream.
+    chunk_streams: list[StreamDiff] = field(default_factory=list)
 
     @property
     def consistent(self) -> bool:
-        return all(s.first_divergent_frame is None for s in self.streams)
+        return all(s.first_divergent_frame is None for s in self.streams + self.chunk_streams)
 
     @property
     def first_divergent_frame(self) -> int | None:
-        frames = [s.first_divergent_frame for s in self.streams if s.first_divergent_frame is not None]
+        frames = [s.first_divergent_frame for s in self.streams + self.chunk_streams
+                  if s.first_divergent_frame is not None]
         return min(frames) if frames else None
 
     def format(self) -> str:
+        per_call = "one frame" if self.chunk == 1 else f"{self.chunk} frames"
         lines = [f"check-streaming: {self.frames} frames x {self.batch_size} sequences of random codes, "
-                 f"{self.dtype}, tolerance {self.tolerance:.1e}, {self.seconds:.1f} s",
-                 f"{'stream':<10} {'max|diff|':>11} {'mean|diff|':>11} {'first frame > tol':>18}"]
-        for s in self.streams:
-            first = "-" if s.first_divergent_frame is None else str(s.first_divergent_frame)
-            lines.append(f"{s.name:<10} {s.max_abs:>11.3e} {s.mean_abs:>11.3e} {first:>18}")
+                 f"{per_call} per call, {self.dtype}, tolerance {self.tolerance:.1e}, {self.seconds:.1f} s"]
+        tables = [("streaming vs LMModel.forward", self.streams)]
+        if self.chunk_streams:
+            tables.append((f"{self.chunk}-frame chunks vs one frame per call", self.chunk_streams))
+        for title, streams in tables:
+            lines += [title, f"{'stream':<10} {'max|diff|':>11} {'mean|diff|':>11} {'first frame > tol':>18}"]
+            for s in streams:
+                first = "-" if s.first_divergent_frame is None else str(s.first_divergent_frame)
+                lines.append(f"{s.name:<10} {s.max_abs:>11.3e} {s.mean_abs:>11.3e} {first:>18}")
         if self.consistent:
-            lines.append(f"CONSISTENT: step_with_logits reproduces LMModel.forward within {self.tolerance:.1e} "
-                         f"at every frame of every stream.")
+            lines.append(f"CONSISTENT: step_with_logits ({per_call} per call) reproduces LMModel.forward"
+                         + (" and the one-frame path" if self.chunk_streams else "")
+                         + f" within {self.tolerance:.1e} at every frame of every stream.")
         else:
             lines.append(f"INCONSISTENT from frame {self.first_divergent_frame}: {DIVERGENCE_MEANING}")
         return "\n".join(lines)
@@ -89,29 +100,35 @@ def random_codes(lm_model: LMModel, batch_size: int, frames: int, seed: int) -> 
 
 
 @torch.no_grad()
-def teacher_forced_logits(lm_model: LMModel, codes: torch.Tensor
+def teacher_forced_logits(lm_model: LMModel, codes: torch.Tensor, chunk: int = 1
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stream `codes [B, 1 + n_q, T]` through `LMGen.step_with_logits`, teacher forcing the model's own
-    streams, and return the logits in the layout of `LMModel.forward`: text `[B, 1, T, text_card]` and
-    audio `[B, dep_q, T, card]` (None if dep_q == 0), in the model dtype."""
+    """Stream `codes [B, 1 + n_q, T]` through `LMGen.step_with_logits`, `chunk` frames per call, teacher
+    forcing the model's own streams, and return the logits in the layout of `LMModel.forward`: text
+    `[B, 1, T, text_card]` and audio `[B, dep_q, T, card]` (None if dep_q == 0), in the model dtype."""
     B, _, T = codes.shape
     dep_q = lm_model.dep_q
     lm_gen = LMGen(lm_model, use_sampling=False)
     user = codes[:, dep_q + 1:]
     text_logits, audio_logits = [], []
     with lm_gen.streaming(B):
-        for step in range(T + lm_gen.max_delay):
-            # User frame s - 1 at step s (DESIGN.md section 2); frames past the end only feed the flush.
-            user_tokens = user[:, :, max(min(step - 1, T - 1), 0)][:, :, None]
-            forced = codes[:, :1 + dep_q, step][:, :, None] if step < T else None
-            out = lm_gen.step_with_logits(user_tokens, forced)
+        step = 0
+        while step < T + lm_gen.max_delay:
+            n = min(chunk, T + lm_gen.max_delay - step)
+            # Frames past the end only feed the flush of the delays: "no input" there.
+            forced = torch.full((B, 1 + dep_q, n), lm_model.zero_token_id, dtype=torch.long, device=codes.device)
+            known = codes[:, :1 + dep_q, step:step + n]
+            forced[:, :, :known.shape[-1]] = known
+            # User frame s - 1 at step s (DESIGN.md section 2).
+            columns = (torch.arange(step, step + n, device=codes.device) - 1).clamp(0, T - 1)
+            out = lm_gen.step_with_logits(user[:, :, columns], forced)
+            step += n
             if out is None:
                 continue
-            text_logits.append(out.text_logits[:, :, 0])
+            text_logits.append(out.text_logits)
             if out.audio_logits is not None:
-                audio_logits.append(out.audio_logits[:, :, 0])
-    text = torch.stack(text_logits, dim=2)[:, :, :T]
-    audio = torch.stack(audio_logits, dim=2)[:, :, :T] if audio_logits else None
+                audio_logits.append(out.audio_logits)
+    text = torch.cat(text_logits, dim=2)[:, :, :T]
+    audio = torch.cat(audio_logits, dim=2)[:, :, :T] if audio_logits else None
     return text, audio
 
 
@@ -133,9 +150,13 @@ def _compare(name: str, streamed: torch.Tensor, reference: torch.Tensor, mask: t
 
 
 def check_streaming(lm_model: LMModel, frames: int = 64, batch_size: int = 2,
-                    tolerance: float | None = None, seed: int = 0) -> CheckResult:
-    """Compare `step_with_logits` (teacher forced) with `LMModel.forward` on `batch_size` sequences of
-    `frames` frames of random codes drawn from `seed`.
+                    tolerance: float | None = None, seed: int = 0, chunk: int = 1) -> CheckResult:
+    """Compare `step_with_logits` (teacher forced, `chunk` frames per call) with `LMModel.forward` on
+    `batch_size` sequences of `frames` frames of random codes drawn from `seed`; with `chunk > 1`, also
+    with the one-frame path at every frame.
+
+    Raises `moshi_patch.chunking.MultiFrameStreamingError` for a model with a streaming module that cannot
+    take several frames per call.
 
     `tolerance` bounds |logit difference|; None picks `DEFAULT_TOLERANCE` for the model dtype. Positions
     that `forward` marks invalid (the last frames of delayed codebooks) are not compared.
@@ -153,6 +174,8 @@ def check_streaming(lm_model: LMModel, frames: int = 64, batch_size: int = 2,
         raise ValueError(f"frames must be an int >= 1, got {frames!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}.")
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE.get(lm_model.dtype, 1e-1)
     elif not tolerance > 0:
@@ -165,12 +188,21 @@ def check_streaming(lm_model: LMModel, frames: int = 64, batch_size: int = 2,
             # Moshi compiles a few functions (e.g. its output RMSNorm) lazily; on a CPU the compilation
             # costs tens of seconds and saves nothing.
             stack.enter_context(no_compile())
-        streamed_text, streamed_audio = teacher_forced_logits(lm_model, codes)
+        streamed_text, streamed_audio = teacher_forced_logits(lm_model, codes, chunk)
+        one_frame = teacher_forced_logits(lm_model, codes) if chunk > 1 else None
         with torch.no_grad():
             reference = lm_model(codes)
     seconds = time.perf_counter() - begin
 
-    result = CheckResult(frames, batch_size, tolerance, seed, str(lm_model.dtype).replace("torch.", ""), seconds)
+    result = CheckResult(frames, batch_size, tolerance, seed, str(lm_model.dtype).replace("torch.", ""), seconds,
+                         chunk=chunk)
+    if one_frame is not None:
+        every = torch.ones(batch_size, frames, dtype=torch.bool, device=codes.device)
+        result.chunk_streams.append(_compare("text", streamed_text[:, 0], one_frame[0][:, 0], every, tolerance))
+        assert streamed_audio is not None and one_frame[1] is not None
+        for k in range(lm_model.dep_q):
+            result.chunk_streams.append(_compare(f"audio {k}", streamed_audio[:, k], one_frame[1][:, k], every,
+                                                 tolerance))
     result.streams.append(_compare("text", streamed_text[:, 0], reference.text_logits[:, 0],
                                    reference.text_mask[:, 0], tolerance))
     assert streamed_audio is not None
@@ -212,19 +244,23 @@ def add_parser(subparsers: tp.Any) -> None:
                         help="max |logit difference| (default 1e-4 in float32; 5e-2 in float16 and 2e-1 "
                              "in bfloat16, rough bounds for rounding)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random codes and TTT init")
+    parser.add_argument("--chunk", type=int, default=1,
+                        help="frames per step_with_logits call (default 1); with N > 1 the chunked logits are "
+                             "also compared with the one-frame path (what `librilight --chunk N` relies on)")
     # float32 by default on every device (the checkpoint loader would pick bfloat16 on a GPU): at 1e-4 a
     # real divergence is not hidden by half-precision rounding.
     parser.set_defaults(func=run_check_streaming, dtype="float32")
 
 
 def run_check_streaming(args: argparse.Namespace) -> int:
-    """`check-streaming` entry point: prints the table and the verdict. Returns 0 if consistent, 1 if not,
-    2 on a usage error (the message goes to stderr)."""
+    """`check-streaming` entry point: prints the table and the verdict. Returns 0 if consistent, 1 if not
+    (or if `--chunk N` meets a streaming module that cannot take several frames per call), 2 on a usage
+    error (the message goes to stderr)."""
     def usage_error(message: str) -> int:
         print(f"moshi-eval check-streaming: error: {message}", file=sys.stderr)
         return 2
 
-    for name in ("frames", "batch_size", "mini_batch_size"):
+    for name in ("frames", "batch_size", "mini_batch_size", "chunk"):
         if getattr(args, name) < 1:
             return usage_error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if args.tolerance is not None and not args.tolerance > 0:
@@ -246,8 +282,11 @@ def run_check_streaming(args: argparse.Namespace) -> int:
     lm_model.eval()
     try:
         result = check_streaming(lm_model, frames=args.frames, batch_size=args.batch_size,
-                                 tolerance=args.tolerance, seed=args.seed)
+                                 tolerance=args.tolerance, seed=args.seed, chunk=args.chunk)
     except ValueError as error:
         return usage_error(str(error))
+    except MultiFrameStreamingError as error:   # The model cannot be scored in chunks: a finding, exit 1.
+        print(f"moshi-eval check-streaming: {error}", file=sys.stderr)
+        return 1
     print(result.format())
     return 0 if result.consistent else 1

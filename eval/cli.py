@@ -38,7 +38,7 @@ from .codes import CodeCache, codec_identity, encode_book, silence_codes
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT, summarize
-from .scoring import NonFiniteLossError, TEXT_MODES, USER_STREAMS, score_sequences
+from .scoring import DEFAULT_CHUNK, NonFiniteLossError, TEXT_MODES, USER_STREAMS, score_sequences
 
 # Frames of silence encoded for the user stream; later user frames repeat the last one. Mimi's encoder
 # attends over 250 steps at 25 Hz (10 s = 125 frames): once the warm-up frames are out of that window its
@@ -112,6 +112,9 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
                         help=f"half width in frames of the window mean around each report frame (default {window})")
     parser.add_argument("--bucket", type=_positive_int, default=bucket,
                         help=f"frames per bucket of the bucket means (default {bucket})")
+    parser.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK,
+                        help=f"frames per streaming call (default {DEFAULT_CHUNK}): the temporal transformer "
+                             "runs over a chunk at once, with the same per-frame losses; 1 = one step per frame")
     parser.add_argument("--strict", action="store_true",
                         help="fail on an unreadable audio file instead of skipping its book")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -179,6 +182,9 @@ def _scoring_config(job: EvalJob) -> dict:
         "user_stream": a.user_stream,
         "text": a.text,
         "first_codebook_weight": a.first_codebook_weight,
+        # The losses agree across chunk lengths up to float rounding only: a resumed run keeps its chunk so
+        # that its books are bitwise those of an uninterrupted run.
+        "chunk": a.chunk,
         **job.extra_config,
     }
 
@@ -324,7 +330,7 @@ def _run_eval(job: EvalJob) -> int:
             for result in score_sequences(
                     lm_gen, [c for _, c in batch], sequence_ids=[b.sequence_id for b, _ in batch],
                     user_stream=args.user_stream, text=args.text, silence=silence,
-                    max_frames=args.max_frames, progress=bar,
+                    max_frames=args.max_frames, progress=bar, chunk=args.chunk,
                     first_codebook_weight=args.first_codebook_weight):
                 report.write_sequence(out, result.sequence_id, result.arrays())
                 finished[result.sequence_id] = result.arrays()
@@ -367,6 +373,7 @@ def _run_eval(job: EvalJob) -> int:
         "code_cache": None if cache is None else {"dir": str(cache.root), "hits": cache.hits,
                                                   "misses": cache.misses},
         "device": str(lm_model.device),
+        "chunks": _chunk_summary(lm_gen),
     }
     results = {
         "command": _command(job.argv),
@@ -397,6 +404,14 @@ def _run_eval(job: EvalJob) -> int:
           f"({rate}); {len(skipped)} skipped; total {total_seconds:.1f} s; results in "
           f"{out / report.RESULTS_JSON}")
     return 0
+
+
+def _chunk_summary(lm_gen: LMGen) -> dict:
+    """What chunked scoring did in this run: passes per chunk and, for predicted text, the guesses."""
+    stats = lm_gen.chunk_stats
+    return {"chunked_calls": stats.calls, "frames": stats.frames, "passes": stats.passes,
+            "passes_per_chunk": stats.passes_per_call, "text_guesses": stats.guesses,
+            "text_guesses_accepted": stats.guesses_right, "text_guess_accepted_share": stats.guess_accuracy}
 
 
 def _command(argv: list[str]) -> str:

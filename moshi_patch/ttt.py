@@ -125,6 +125,9 @@ class TTTLinear(StreamingModule[_TTTState]):
     Extra positional/keyword arguments (moshi passes `cross_attention_src`) are ignored.
     """
 
+    # Several frames per streaming call compute what as many one-frame calls do (`_dual_form`).
+    supports_multi_frame_streaming = True
+
     def __init__(
         self,
         dim: int,
@@ -237,40 +240,91 @@ class TTTLinear(StreamingModule[_TTTState]):
         """Whole sequence from the learned initial state, dual form. q, k, v: [B, H, T, D]; lr: [B, H, T].
         Returns the inner outputs [B, H, T, D]."""
         B, H, T, D = q.shape
+        w = self.inner_w.float()[None].expand(B, H, D, D)
+        b = self.inner_b.float()[None].expand(B, H, D)
+        start = torch.zeros(B, dtype=torch.long, device=q.device)
+        out, _ = self._dual_form(q, k, v, lr, w, b, torch.zeros_like(w), torch.zeros_like(b), start)
+        return out
+
+    def _dual_form(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+                   w: torch.Tensor, b: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor,
+                   start: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """T tokens continuing from a state, one masked matmul per mini-batch instead of one step per token.
+
+        Item i starts at position `start[i]` of a mini-batch whose initial weights are `w [B, H, D, D]`,
+        `b [B, H, D]` and whose tokens so far summed the gradients `grad_w`, `grad_b` (zeros at a mini-batch
+        start). Its tokens are laid out from index `start[i]`, so that every item's mini-batches line up;
+        the slots before and after are padding with a learning rate of 0, which adds nothing to any gradient.
+        Returns the inner outputs `[B, H, T, D]` and the state after the tokens `(w, b, grad_w, grad_b, pos)`.
+        """
+        B, H, T, D = q.shape
         K = self.mini_batch_size
-        n = math.ceil(T / K)
-        pad = n * K - T
-        # Zero padding at the end of the last mini-batch: causal masking keeps it out of the real outputs
-        # and its lr is 0 anyway.
-        q, k, v = (F.pad(t, (0, 0, 0, pad)).view(B, H, n, K, D) for t in (q, k, v))
-        lr = F.pad(lr, (0, pad)).view(B, H, n, K)
-        rel = torch.arange(K, device=q.device)
+        device = q.device
+        n = math.ceil((int(start.max()) + T) / K)
+        index = start[:, None] + torch.arange(T, device=device)                      # [B, T] slot of each token
+
+        def lay_out(x: torch.Tensor) -> torch.Tensor:        # [B, H, T, *] -> [B, H, n, K, *], zero padded
+            slots = x.new_zeros(B, H, n * K, *x.shape[3:])
+            where = index[:, None, :].expand(B, H, T)
+            if x.dim() == 4:
+                where = where[..., None].expand(B, H, T, x.shape[3])
+            return slots.scatter(2, where, x).view(B, H, n, K, *x.shape[3:])
+
+        q, k, v, lr = lay_out(q), lay_out(k), lay_out(v), lay_out(lr)
+        rel = torch.arange(K, device=device)
         q = _rotary(q, rel, self.rope_theta)
         k = _rotary(k, rel, self.rope_theta)
         scale = self._token_scale()                                                    # [K]
         ln_w, ln_b = self._ln_params()
         ln_w, ln_b = ln_w[:, None], ln_b[:, None]                                      # [H, 1, D]
-        causal = torch.ones(K, K, dtype=torch.bool, device=q.device).tril()
-        w = self.inner_w.float()[None].expand(B, H, D, D)
-        b = self.inner_b.float()[None, :, None].expand(B, H, 1, D)
+        causal = torch.ones(K, K, dtype=torch.bool, device=device).tril()
+        end = start + T                                   # tokens of each item's current mini-batch, + T
+        full = end // K                                   # mini-batches each item completes
+        b = b[:, :, None]                                 # [B, H, 1, D]
+        grad_b = grad_b[:, :, None]
+        final = (w, b, grad_w, grad_b)
         outs = []
         for i in range(n):
             qi, ki, vi, lri = q[:, :, i], k[:, :, i], v[:, :, i], lr[:, :, i]           # [B, H, K, D], [B, H, K]
             grad = _inner_ln_l2_grad(ki @ w + b, vi - ki, ln_w, ln_b)                   # [B, H, K, D]
-            # eta[r, j] = s_r * lr_j for j <= r: token r sums the gradients of tokens 0..r, all taken at W0.
+            # eta[r, j] = s_r * lr_j for j <= r: token r sums the gradients of tokens 0..r, all taken at W0,
+            # plus those summed before this call (grad_w, grad_b: only in the first mini-batch).
             eta = torch.where(causal, scale[:, None] * lri[..., None, :], 0.0)            # [B, H, K, K]
-            z = qi @ w - (eta * (qi @ ki.transpose(-1, -2))) @ grad + b - eta @ grad
+            s = scale[:, None]                                                            # [K, 1]
+            z = (qi @ w - s * (qi @ grad_w) - (eta * (qi @ ki.transpose(-1, -2))) @ grad
+                 + b - s * grad_b - eta @ grad)
             outs.append(qi + _inner_ln(z, ln_w, ln_b))
-            last = (scale[-1] * lri)[..., None]                                          # [B, H, K, 1]
-            w = w - (last * ki).transpose(-1, -2) @ grad
-            b = b - (last * grad).sum(dim=-2, keepdim=True)
-        return torch.cat(outs, dim=2)[:, :, :T]
+            # Gradient sums over the whole mini-batch (padding adds 0), and the next mini-batch's W0.
+            grad_w = grad_w + (lri[..., None] * ki).transpose(-1, -2) @ grad
+            grad_b = grad_b + (lri[..., None] * grad).sum(dim=-2, keepdim=True)
+            next_w, next_b = w - scale[-1] * grad_w, b - scale[-1] * grad_b
+            # The state after the last token: this mini-batch's W0 and sums if it is not complete.
+            here = (full == i).view(B, 1, 1, 1)
+            final = tuple(torch.where(here, now, kept) for now, kept in zip((w, b, grad_w, grad_b), final))
+            done = (i < full).view(B, 1, 1, 1)
+            w, b = torch.where(done, next_w, w), torch.where(done, next_b, b)
+            grad_w, grad_b = torch.zeros_like(grad_w), torch.zeros_like(grad_b)
+        # Items that complete their last mini-batch exactly: their state is the next mini-batch's start.
+        exact = (full == n).view(B, 1, 1, 1)
+        final = tuple(torch.where(exact, now, kept) for now, kept in zip((w, b, grad_w, grad_b), final))
+        out = torch.cat(outs, dim=2).view(B, H, n * K, D)
+        out = out.gather(2, index[:, None, :, None].expand(B, H, T, D))
+        w_end, b_end, grad_w_end, grad_b_end = final
+        return out, (w_end, b_end[:, :, 0], grad_w_end, grad_b_end[:, :, 0], end % K)
 
     def _stream(self, state: _TTTState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 lr: torch.Tensor) -> torch.Tensor:
-        """Chunk continuing the stream, one token at a time (each batch item has its own position in its
-        mini-batch), updating `state` in place. Shapes as in `_sequence`."""
+        """Chunk continuing the stream (each batch item has its own position in its mini-batch), updating
+        `state` in place: one frame step by step (capturable by CUDA graphs), several in the dual form.
+        Shapes as in `_sequence`."""
         B, H, T, D = q.shape
+        if T > 1:
+            out, new = self._dual_form(q, k, v, lr, state.w, state.b, state.grad_w, state.grad_b, state.pos)
+            live = state.exec_mask
+            for current, value in zip((state.w, state.b, state.grad_w, state.grad_b, state.pos), new):
+                mask = live.view(B, *([1] * (current.dim() - 1)))
+                current.copy_(torch.where(mask, value, current))
+            return out
         K = self.mini_batch_size
         scale = self._token_scale()
         ln_w, ln_b = self._ln_params()

@@ -109,3 +109,58 @@ def test_cli_usage_errors(capsys, tmp_path):
     assert main(["check-streaming", "--config", str(tmp_path / "missing.json"), "--moshi-weight",
                  str(tmp_path / "missing.safetensors"), "--device", "cpu"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+class ChunkForgetfulTTT(TTTLinear):
+    """Right one frame per call, wrong over chunks: it forgets its state when given several frames."""
+
+    def _stream(self, state, q, k, v, lr):
+        if q.shape[2] > 1:
+            state.reset(torch.ones_like(state.exec_mask))
+        return super()._stream(state, q, k, v, lr)
+
+
+def test_chunked_check_passes_and_compares_with_one_frame_path():
+    result = check_streaming(tiny_ttt_lm(max_delay=2), frames=20, batch_size=2, seed=3, chunk=6)
+    assert result.consistent and result.chunk == 6
+    assert [s.name for s in result.chunk_streams] == ["text", "audio 0", "audio 1"]
+    assert all(s.frames_compared == 20 and s.max_abs < 1e-4 for s in result.chunk_streams)
+    assert "6-frame chunks vs one frame per call" in result.format()
+
+
+def test_chunked_check_catches_a_layer_wrong_over_chunks():
+    lm = tiny_ttt_lm()
+    assert check_streaming(lm, frames=20, batch_size=2).consistent      # one frame per call: right
+    for block in ttt_layers(lm):
+        block.__class__ = ChunkForgetfulTTT
+    result = check_streaming(lm, frames=20, batch_size=2, chunk=5)
+    assert not result.consistent
+    # The second chunk (frame 5 on) starts from a forgotten state, in both comparisons.
+    assert result.chunk_streams[0].first_divergent_frame == 5
+    assert result.streams[0].first_divergent_frame == 5
+
+
+def test_cli_chunk_with_a_module_that_cannot_take_chunks(capsys, monkeypatch):
+    from moshi.modules.streaming import State, StreamingModule
+
+    class OneFrameOnly(StreamingModule):
+        def _init_streaming_state(self, batch_size):
+            return State(batch_size, torch.device("cpu"))
+
+        def forward(self, x, *args, **kwargs):
+            return x
+
+    def add_one_frame_layer(lm, layers, mini_batch_size):
+        lm.transformer.layers.append(OneFrameOnly())
+        for module in lm.modules():
+            if isinstance(module, StreamingModule):
+                module._cached_children = None
+        return lm
+
+    monkeypatch.setattr(check, "demo_lm", lambda seed, device, dtype: make_lm(context=8, dim=32))
+    monkeypatch.setattr(check, "add_ttt_layers", add_one_frame_layer)
+    code = main(["check-streaming", "--demo", "--ttt-layers", "0", "--frames", "12", "--device", "cpu",
+                 "--chunk", "4"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "transformer.layers.2 (OneFrameOnly)" in err and "--chunk 1" in err

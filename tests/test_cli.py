@@ -176,7 +176,8 @@ def test_sigterm_keeps_finished_books_and_prints_resume_command(world):
         shutil.copytree(audio / "spk0", audio / f"spk{b}")
     out = world["root"] / "out_sigterm"
     args = ["librilight", "--audio-dir", str(audio), "--out", str(out), "--cache-dir", str(world["cache"]),
-            "--batch-size", "1", "--text", "pad", *FAST, *world["ckpt"]["cli_args"]]
+            "--batch-size", "1", "--text", "pad", "--chunk", "1", *FAST, *world["ckpt"]["cli_args"]]
+    # One frame per call: slow enough for the signal to land between two books.
     env = dict(os.environ, NO_TORCH_COMPILE="1")
     proc = subprocess.Popen([sys.executable, "-m", "moshi_eval", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -291,3 +292,29 @@ def test_min_frames_filters_books_before_counting_them(tmp_path):
     args.max_chapters = 1
     with pytest.raises(DataError, match="every book is shorter than --min-frames 100"):
         select_librilight_books(args)
+
+
+@pytest.mark.parametrize("text", ["predicted", "pad"])
+@pytest.mark.parametrize("user_stream", ["silence", "zero"])
+def test_chunked_and_one_frame_scoring_agree(world, text, user_stream):
+    """`--chunk 1` (one streaming step per frame) and the default chunk give the same per-frame losses and
+    text tokens; results.json says how the chunks went."""
+    runs = {}
+    for chunk in ("1", "16"):
+        out = world["root"] / f"out_chunk_{text}_{user_stream}_{chunk}"
+        assert _run(world, out, "--chunk", chunk, "--text", text, "--user-stream", user_stream,
+                    "--batch-size", "2")[0] == 0
+        runs[chunk] = (_npz(out), _results(out))
+    (one, one_res), (chunked, res) = runs["1"], runs["16"]
+    assert one.keys() == chunked.keys() and len(one) == 3
+    for sid in one:
+        np.testing.assert_array_equal(one[sid]["text_token"], chunked[sid]["text_token"])
+        np.testing.assert_allclose(one[sid]["codebook_ce"], chunked[sid]["codebook_ce"], atol=1e-4, rtol=0)
+    assert res["config"]["chunk"] == 16 and one_res["config"]["chunk"] == 1
+    chunks = res["runtime"]["chunks"]
+    assert chunks["chunked_calls"] > 0 and chunks["passes_per_chunk"] >= 1
+    if text == "predicted":
+        assert chunks["text_guesses"] > 0 and 0 <= chunks["text_guess_accepted_share"] <= 1
+    else:
+        assert chunks["passes_per_chunk"] == 1 and chunks["text_guess_accepted_share"] is None
+    assert one_res["runtime"]["chunks"]["chunked_calls"] == 0

@@ -44,15 +44,17 @@ def _forward_ce(model, text: torch.Tensor, audio: torch.Tensor, user: torch.Tens
     return ce, ce.mean(0), (ce * w[:, None]).sum(0) / w.sum()
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 64])
 @pytest.mark.parametrize("max_delay", [1, 2])
-def test_pad_zero_equals_forward_oracle(max_delay):
-    """text=pad, user=zero: streaming CE == CE of LMModel.forward logits on the same codes, at 1e-4."""
+def test_pad_zero_equals_forward_oracle(max_delay, chunk):
+    """text=pad, user=zero: streaming CE == CE of LMModel.forward logits on the same codes, at 1e-4,
+    one frame per call or in chunks (64 > both lengths: one call for the whole batch)."""
     model = _tiny(max_delay)
     lengths = [23, 37]                                   # different lengths in one batch, > context
     codes = _codes(model, lengths)
     lm_gen = LMGen(model, use_sampling=False)
     got = {s.index: s for s in score_sequences(lm_gen, codes, user_stream="zero", text="pad",
-                                                progress=False, first_codebook_weight=100.)}
+                                                progress=False, first_codebook_weight=100., chunk=chunk)}
     assert sorted(got) == [0, 1]
     for i, c in enumerate(codes):
         T = c.shape[1]
@@ -98,6 +100,26 @@ def test_predicted_text_and_silence_user_replay_through_forward():
     assert not np.allclose(pad.audio_ce, s.audio_ce, atol=1e-3)
 
 
+@pytest.mark.parametrize("text", ["predicted", "pad"])
+@pytest.mark.parametrize("user_stream", ["silence", "zero"])
+def test_chunked_scoring_equals_one_frame_scoring(text, user_stream):
+    """Per-frame losses and text tokens do not depend on the chunk length (books of different lengths)."""
+    model = _tiny(max_delay=2)
+    codes = _codes(model, [19, 33, 26], seed=5)
+    silence = torch.randint(0, model.card, (8, 4), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(user_stream=user_stream, text=text, progress=False,
+                  silence=silence if user_stream == "silence" else None)
+    runs = {chunk: {s.index: s for s in score_sequences(LMGen(model, use_sampling=False), codes, chunk=chunk,
+                                                         **kwargs)}
+            for chunk in (1, 7, 64)}
+    for chunk in (7, 64):
+        for i in range(3):
+            a, b = runs[1][i], runs[chunk][i]
+            np.testing.assert_array_equal(a.text_token, b.text_token)
+            np.testing.assert_allclose(a.codebook_ce, b.codebook_ce, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(a.audio_ce_weighted, b.audio_ce_weighted, atol=1e-4, rtol=0)
+
+
 def test_frames_beyond_length_are_never_counted_and_max_frames_truncates():
     model = _tiny()
     codes = _codes(model, [12, 20])
@@ -134,24 +156,27 @@ def test_padded_tensor_with_lengths_equals_list():
         np.testing.assert_array_equal(x.codebook_ce, y.codebook_ce)
 
 
-def test_non_finite_logits_name_sequence_and_frame():
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_non_finite_logits_name_sequence_and_frame(chunk):
     model = _tiny()
     codes = _codes(model, [8, 8])
     lm_gen = LMGen(model, use_sampling=False)
     real = lm_gen.step_with_logits
-    calls = []
+    returned = [0]    # frames returned so far
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
-        calls.append(1)
-        if out is not None and len(calls) == 7:      # step 6 = frame 5 (max_delay 1)
-            out.audio_logits[1, 3] = float("inf")
+        if out is not None:
+            frames = out.audio_logits.shape[2]
+            if returned[0] <= 5 < returned[0] + frames:
+                out.audio_logits[1, 3, 5 - returned[0]] = float("inf")
+            returned[0] += frames
         return out
 
     lm_gen.step_with_logits = poisoned
     with pytest.raises(NonFiniteLossError, match="book_b at frame 5") as info:
         list(score(lm_gen, codes, user_stream="zero", text="pad", progress=False,
-                   sequence_ids=["book_a", "book_b"]))
+                   sequence_ids=["book_a", "book_b"], chunk=chunk))
     assert info.value.sequence_id == "book_b" and info.value.frame == 5
 
 
@@ -174,6 +199,7 @@ def test_bad_arguments():
         (dict(codes=codes, user_stream="zero", silence=torch.zeros(8, 3, dtype=torch.long)),
          "silence was given but user_stream='zero'"),
         (dict(codes=codes, user_stream="zero", first_codebook_weight=0.), "first_codebook_weight"),
+        (dict(codes=codes, user_stream="zero", chunk=0), "chunk must be a positive integer"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -122,11 +122,11 @@ def test_rendered_code_is_the_code_moshi_patch_runs(rendered) -> None:
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     patched_methods = {n.name: ast.get_source_segment(result.patched, n, padded=True)
                        for n in classes["LMGen"].body if isinstance(n, ast.FunctionDef)}
-    new = [name for name, fn in vars(moshi_patch.LMGen).items()
+    new = [name for name, fn in vars(moshi_patch.lm.StepLogitsLMGen).items()
            if inspect.isfunction(fn) and name != "_init_streaming_state"]
     assert "step_with_logits" in new and "_depformer_forced_with_logits" in new
     for name in new:
-        source = inspect.getsource(getattr(moshi_patch.LMGen, name))
+        source = inspect.getsource(getattr(moshi_patch.lm.StepLogitsLMGen, name))
         # inspect includes the decorators, the AST node starts at `def`.
         source = source[source.index("    def "):].rstrip("\n")
         assert patched_methods[name] == source, name
