@@ -170,6 +170,10 @@ def check_streaming(lm_model: LMModel, frames: int = 64, batch_size: int = 2,
                          "the reference, requires one.")
     if lm_model.fuser is not None:
         raise ValueError("check_streaming supports unconditioned models only (lm_model.fuser is set).")
+    bad = [name for name, p in lm_model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"the model's weights hold NaN or inf values (in {len(bad)} tensors, first: "
+                         f"{', '.join(bad[:3])}): every logit is undefined, there is nothing to compare.")
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be an int >= 1, got {frames!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -14,6 +14,8 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
+from .hashing import FileHasher
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded, or a codec that does not fit the model; the message says why."""
@@ -51,17 +53,27 @@ class ResolvedCheckpoint:
     identity: dict
 
     def load(self) -> LoadedCheckpoint:
+        """The LM, Mimi and tokenizer, each failure naming the file (or config key) it came from."""
+        _check_codec_config(self.info.lm_config, self.info.mimi_config)
         try:
             lm_model = self.info.get_moshi(device=self.device, dtype=self.dtype)
+        except Exception as exc:   # safetensors, torch, moshi's asserts: name the file
+            raise CheckpointError(f"cannot load the LM weights {self.info.moshi_weights}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        try:
             mimi = self.info.get_mimi(device=self.device)
-        except (RuntimeError, KeyError, TypeError, ValueError, OSError) as exc:
-            raise CheckpointError(f"cannot load the checkpoint {self.identity.get('moshi_weights')} / "
-                                  f"{self.identity.get('mimi_weights')}: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:   # safetensors, torch, moshi's asserts: name the file
+            raise CheckpointError(f"cannot load the Mimi weights {self.info.mimi_weights}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
         lm_model.eval()
         mimi.eval()
         tokenizer = None
         if Path(self.info.tokenizer).is_file():
-            tokenizer = self.info.get_text_tokenizer()
+            try:
+                tokenizer = self.info.get_text_tokenizer()
+            except Exception as exc:   # safetensors, torch, moshi's asserts: name the file
+                raise CheckpointError(f"cannot load the text tokenizer {self.info.tokenizer}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
         return LoadedCheckpoint(lm_model, mimi, tokenizer, self.identity)
 
 
@@ -74,6 +86,9 @@ def resolve_device(device: str | None) -> torch.device:
         raise CheckpointError(f"--device: not a torch device: {device!r} ({exc})") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"--device {device}: CUDA is not available on this machine.")
+    if dev.type == "meta":
+        raise CheckpointError(f"--device {device}: the meta device holds no data, nothing can be scored on it: "
+                              "use cpu or cuda.")
     return dev
 
 
@@ -88,20 +103,63 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return value
 
 
-def _file_identity(path: Path) -> dict:
+def _file_identity(path: Path, hasher: FileHasher) -> dict:
+    """Path, size, mtime and sha256 of a weight file: a file replaced at the same path is another model."""
     try:
-        size = path.stat().st_size
-    except OSError:
-        size = None
-    return {"path": str(path.resolve() if path.exists() else path), "size": size}
+        return hasher.identity(path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the weight file {path}: {exc.strerror or exc}") from exc
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> ResolvedCheckpoint:
+# Keys of moshi's LM config.json that the model is built from: (key, what it must be).
+_LM_CONFIG_KEYS = {"dim": "a positive integer", "num_heads": "a positive integer", "num_layers": "a positive integer",
+                   "card": "a positive integer", "text_card": "a positive integer", "n_q": "a positive integer",
+                   "dep_q": "an integer >= 0", "context": "a positive integer (frames of attention)",
+                   "delays": "a list of n_q + 1 integers >= 0"}
+
+
+def _check_lm_config(config: dict | None, source: str) -> None:
+    """Raise CheckpointError naming the first key of `config` that is missing or of the wrong type."""
+    if config is None:
+        return
+    for key, expected in _LM_CONFIG_KEYS.items():
+        value = config.get(key)
+        if key == "delays":
+            n_q = config.get("n_q")
+            ok = (isinstance(value, list) and all(isinstance(d, int) and d >= 0 for d in value)
+                  and (not isinstance(n_q, int) or len(value) == n_q + 1))
+        elif key == "dep_q":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        if not ok:
+            what = "is missing" if key not in config else f"is {value!r}"
+            raise CheckpointError(f"{source}: key {key!r} {what}, expected {expected}.")
+
+
+def _check_codec_config(lm_config: dict | None, mimi_config: dict | None) -> None:
+    """A codec config with fewer codebooks than the model's streams need: say so before moshi's loader
+    asserts on it."""
+    if lm_config is None or mimi_config is None:
+        return
+    total = mimi_config.get("quantizer", {}).get("n_q")
+    needed = max(lm_config["dep_q"], lm_config["n_q"] - lm_config["dep_q"])
+    if isinstance(total, int) and total < needed:
+        raise CheckpointError(
+            f"the codec does not fit the model: the Mimi config has {total} codebooks (quantizer n_q), the model's "
+            f"audio streams take {needed} (dep_q = {lm_config['dep_q']}, n_q = {lm_config['n_q']}).")
+
+
+def resolve_checkpoint(args: argparse.Namespace, hasher: FileHasher | None = None) -> ResolvedCheckpoint:
     """Locate the checkpoint files (downloading from the hub if a repo is given) without loading them.
 
+    The identity holds each weight file's path, size, mtime and sha256 (`hasher` caches the digests).
+
     Raises:
-        CheckpointError: neither a repo nor local files given, a local file missing, a download failure.
+        CheckpointError: neither a repo nor local files given, a local file missing, a download failure,
+            a config key missing or of the wrong type.
     """
+    hasher = hasher or FileHasher()
     device = resolve_device(getattr(args, "device", None))
     dtype = resolve_dtype(getattr(args, "dtype", None), device)
     hf_repo = getattr(args, "hf_repo", None)
@@ -123,10 +181,11 @@ def resolve_checkpoint(args: argparse.Namespace) -> ResolvedCheckpoint:
     except Exception as exc:   # hub errors (offline, missing repo/file, auth), bad JSON config
         raise CheckpointError(f"cannot locate the checkpoint (--hf-repo {hf_repo}): "
                               f"{type(exc).__name__}: {exc}") from exc
+    _check_lm_config(info.lm_config, f"LM config {args.config or hf_repo}")
     identity = {
         "hf_repo": hf_repo,
-        "moshi_weights": _file_identity(Path(info.moshi_weights)),
-        "mimi_weights": _file_identity(Path(info.mimi_weights)),
+        "moshi_weights": _file_identity(Path(info.moshi_weights), hasher),
+        "mimi_weights": _file_identity(Path(info.mimi_weights), hasher),
         "lm_config": info.lm_config,
         "mimi_config": info.mimi_config,
         "model_type": info.model_type,

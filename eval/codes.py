@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 import typing as tp
 
@@ -28,11 +29,12 @@ from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 from moshi.utils.compile import no_cuda_graph
 
 from .atomic import atomic_write
-from .data import AudioReadError, Book, read_audio
+from .data import AudioReadError, Book, check_audio_file, read_audio
+from .hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
-_CACHE_FORMAT = 1  # bump when the stored layout or the encoding procedure changes
+_CACHE_FORMAT = 2  # bump when the stored layout or the encoding procedure changes (2: codes checksum)
 
 
 def _check_codebooks(mimi: MimiModel, num_codebooks: int | None) -> None:
@@ -138,15 +140,6 @@ def silence_codes(mimi: MimiModel, frames: int, chunk_frames: int = 250) -> torc
     return encode_audio(mimi, np.zeros(frames * mimi.frame_size, dtype=np.float32), chunk_frames)
 
 
-def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
-    """sha256 hex digest of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            h.update(data)
-    return h.hexdigest()
-
-
 class CodeCache:
     """On-disk cache of a chapter's Mimi codes, keyed on the audio file's content and the codec identity.
 
@@ -166,11 +159,12 @@ class CodeCache:
         self.codec_id = codec_id
         self.hits = 0
         self.misses = 0
+        self.disabled = False     # set when writing fails: the run goes on without caching
         # content hash memo: path -> ((size, mtime_ns), sha256), so get + put hash a file once
         self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
 
     def _content_hash(self, audio_path: Path) -> str:
-        path = Path(audio_path).resolve()
+        path = check_audio_file(audio_path).resolve()
         try:
             st = path.stat()
         except OSError as exc:
@@ -198,7 +192,8 @@ class CodeCache:
             payload = torch.load(entry, map_location="cpu", weights_only=True)
             codes = payload["codes"]
             ok = (payload.get("codec_id") == self.codec_id and isinstance(codes, torch.Tensor)
-                  and codes.dtype == torch.int64 and codes.dim() == 2 and codes.shape[-1] > 0)
+                  and codes.dtype == torch.int64 and codes.dim() == 2 and codes.shape[-1] > 0
+                  and payload.get("codes_sha256") == _codes_sha256(codes))
         except Exception as exc:  # corrupt or foreign file: re-encode rather than fail the run
             logger.warning("code cache entry %s unreadable (%s): re-encoding %s", entry, exc, audio_path)
             ok = False
@@ -216,12 +211,24 @@ class CodeCache:
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype != torch.int64:
             raise ValueError(f"codes: expected an int64 tensor [n_q, T], got "
                              f"{getattr(codes, 'dtype', type(codes))} {tuple(getattr(codes, 'shape', ()))}")
+        if self.disabled:
+            return
         entry = self.entry_path(audio_path)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"codes": codes.detach().to("cpu").contiguous(), "codec_id": self.codec_id,
-                   "source": str(audio_path), "content_sha256": self._content_hash(audio_path),
+        codes = codes.detach().to("cpu").contiguous()
+        payload = {"codes": codes, "codes_sha256": _codes_sha256(codes), "codec_id": self.codec_id,
+                   "source": os.fsdecode(audio_path), "content_sha256": self._content_hash(audio_path),
                    "format": _CACHE_FORMAT}
-        atomic_write(entry, lambda f: torch.save(payload, f))
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(entry, lambda f: torch.save(payload, f))
+        except OSError as exc:   # a --cache-dir that is a file, read-only or full: go on without it
+            logger.warning("code cache %s unusable (%s): going on without it", self.root, exc)
+            self.disabled = True
+
+
+def _codes_sha256(codes: torch.Tensor) -> str:
+    """Checksum of a cache entry's codes: a flipped bit on disk is a miss, not a wrong code."""
+    return hashlib.sha256(codes.contiguous().numpy().tobytes()).hexdigest()
 
 
 def encode_book(mimi: MimiModel, book: Book, cache: CodeCache | None = None, chunk_frames: int = 250,

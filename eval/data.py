@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 import re
 import typing as tp
@@ -67,7 +68,9 @@ class Book:
         raw = f"{self.speaker}__{self.book}"
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", raw)
         if safe != raw or safe.startswith("."):
-            safe = f"{safe.lstrip('.') or 'book'}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
+            # surrogateescape: a folder name that is not valid UTF-8 hashes by its bytes.
+            digest = hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+            safe = f"{safe.lstrip('.') or 'book'}-{digest}"
         return safe
 
 
@@ -112,8 +115,10 @@ def discover_books(audio_dir: str | Path) -> list[Book]:
         book_dirs = sorted((p for p in speaker.iterdir() if p.is_dir() and not p.name.startswith(".")),
                            key=lambda p: natural_key(p.name))
         for book_dir in book_dirs:
+            # A dangling symbolic link is a chapter too: reading it fails, and the book is skipped with the
+            # reason (or the run stops with --strict) instead of being scored without it.
             files = sorted((p for p in book_dir.iterdir()
-                            if p.is_file() and not p.name.startswith(".")
+                            if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
                             and p.suffix.lower() in AUDIO_EXTENSIONS),
                            key=lambda p: natural_key(p.name))
             if files:
@@ -232,15 +237,23 @@ def _opus_pre_skip(path: Path) -> int:
     return int.from_bytes(head[at + 10: at + 12], "little")
 
 
+def check_audio_file(path: str | Path) -> Path:
+    """`path` as a Path; AudioReadError if it is not a file (a dangling link says where it points)."""
+    path = Path(path)
+    if not path.is_file():
+        if path.is_symlink():
+            raise AudioReadError(path, f"dangling symbolic link to {os.readlink(path)}")
+        raise AudioReadError(path, "no such file")
+    return path
+
+
 def read_audio(path: str | Path, sample_rate: int = 24000) -> np.ndarray:
     """Decode `path` with sphn as mono float32 `[T]` at `sample_rate` (channels averaged, resampled).
 
     Raises:
         AudioReadError: missing, unreadable or corrupt file, or a file with no samples; names the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AudioReadError(path, "no such file")
+    path = check_audio_file(path)
     try:
         data, src_rate = sphn.read(str(path))
     except Exception as exc:  # sphn raises ValueError/OSError with the decoder's message
@@ -272,6 +285,7 @@ def read_audio(path: str | Path, sample_rate: int = 24000) -> np.ndarray:
 
 
 __all__: tp.Sequence[str] = [
-    "AUDIO_EXTENSIONS", "AudioReadError", "Book", "Chapter", "DataError", "discover_books", "natural_key",
+    "AUDIO_EXTENSIONS", "AudioReadError", "Book", "Chapter", "DataError", "check_audio_file", "discover_books",
+    "natural_key",
     "read_audio", "resample", "select_books", "book_seconds",
 ]

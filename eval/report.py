@@ -5,7 +5,8 @@ Layout of `<out>`:
   with the same `<out>` must have the same config, else it stops (`ConfigMismatchError`).
 - `sequences/<sequence_id>.npz`: one per finished sequence, written atomically (temporary file +
   `os.replace`) as soon as the sequence is done: `audio_ce [T]`, `audio_ce_weighted [T]`,
-  `codebook_ce [K, T]` float32, `text_token [T]` int64.
+  `codebook_ce [K, T]` float32, `text_token [T]` int64, and `meta_json` (the full id, the identity of the
+  chapters it was scored from, the batch it was scored in). Long ids get a shortened file name.
 - `results.json`: configuration, versions, model identity, per-book metadata, metrics, runtime, skipped
   books; rebuilt from the `.npz` files at the end of every run.
 - `curve.csv`: the per-frame mean over the books reaching each frame.
@@ -13,6 +14,7 @@ Layout of `<out>`:
   attention context marked.
 """
 import csv
+import hashlib
 import io
 import json
 import math
@@ -40,8 +42,18 @@ class ConfigMismatchError(ReportError):
     """The output directory holds results of another configuration."""
 
 
+def _write_atomic(path: Path, write: tp.Callable[[tp.BinaryIO], None]) -> None:
+    """`atomic.atomic_write`, with a failure (read-only or full disk) reported as a ReportError naming the
+    file: what was written before stays whole."""
+    try:
+        _atomic_write(path, write)
+    except OSError as exc:
+        raise ReportError(f"cannot write {path}: {exc.strerror or exc}. The files written before are intact; "
+                          "free space or fix the permissions and rerun the same command to resume.") from exc
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+    _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
 def _json_safe(value: tp.Any) -> tp.Any:
@@ -63,17 +75,30 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
 
 
+# Longer ids get a shortened file name: a file name has at most 255 bytes, and the temporary file of an
+# atomic write adds about 20 to it.
+MAX_FILE_STEM = 120
+
+
 def sequence_path(out_dir: str | Path, sequence_id: str) -> Path:
-    return Path(out_dir) / SEQUENCES_DIR / f"{sequence_id}.npz"
+    """`<out>/sequences/<id>.npz`; for an id longer than `MAX_FILE_STEM`, its first 80 characters and a
+    hash of the whole id (collision free in practice; the full id is kept inside the file)."""
+    stem = sequence_id
+    if len(stem) > MAX_FILE_STEM:
+        stem = f"{stem[:80]}-{hashlib.sha256(stem.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+    return Path(out_dir) / SEQUENCES_DIR / f"{stem}.npz"
 
 
-def write_sequence(out_dir: str | Path, sequence_id: str, arrays: dict[str, np.ndarray]) -> Path:
-    """Atomically write `<out>/sequences/<sequence_id>.npz` with the arrays of `SEQUENCE_ARRAYS`."""
+def write_sequence(out_dir: str | Path, sequence_id: str, arrays: dict[str, np.ndarray],
+                   meta: dict | None = None) -> Path:
+    """Atomically write `<out>/sequences/<sequence_id>.npz` with the arrays of `SEQUENCE_ARRAYS` and
+    `meta` (a JSON object: the full id, the chapters' identity...) as the string array `meta_json`."""
     _check_sequence_arrays(sequence_id, arrays)
     path = sequence_path(out_dir, sequence_id)
     buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.asarray(arrays[k]) for k in SEQUENCE_ARRAYS})
-    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    extra = {"meta_json": np.asarray(json.dumps(_json_safe(meta or {})))}
+    np.savez(buffer, **{k: np.asarray(arrays[k]) for k in SEQUENCE_ARRAYS}, **extra)
+    _write_atomic(path, lambda f: f.write(buffer.getvalue()))
     return path
 
 
@@ -92,16 +117,27 @@ def _check_sequence_arrays(sequence_id: str, arrays: dict[str, np.ndarray]) -> N
         raise ReportError(f"{sequence_id}: codebook_ce must have shape [K, {T[0]}], got {cb}.")
 
 
-def read_sequence(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of a sequence file; ReportError naming the file if it is unreadable or inconsistent."""
+@tp.overload
+def read_sequence(path: str | Path) -> dict[str, np.ndarray]: ...
+@tp.overload  # noqa: E302
+def read_sequence(path: str | Path, with_meta: tp.Literal[True]) -> tuple[dict[str, np.ndarray], dict]: ...
+
+
+def read_sequence(path, with_meta=False):  # noqa: E302
+    """The arrays of a sequence file (and its meta, `{}` if it has none, with `with_meta`); ReportError
+    naming the file if it is unreadable, inconsistent, or holds no finite loss (corrupt)."""
     path = Path(path)
     try:
         with np.load(path) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:   # zipfile / pickle / OS errors: the file is not a sequence file
+            arrays = {k: data[k] for k in data.files if k in SEQUENCE_ARRAYS}
+            meta = json.loads(str(data["meta_json"])) if "meta_json" in data.files else {}
+    except Exception as exc:   # zipfile / pickle / JSON / OS errors: the file is not a sequence file
         raise ReportError(f"cannot read sequence file {path}: {exc}") from exc
     _check_sequence_arrays(str(path), arrays)
-    return arrays
+    if not np.isfinite(arrays["audio_ce"]).any():
+        raise ReportError(f"sequence file {path} holds no finite loss: it is corrupt. Delete it and rerun the "
+                          "same command to score the book again.")
+    return (arrays, meta) if with_meta else arrays
 
 
 def check_or_write_config(out_dir: str | Path, config: dict) -> bool:
@@ -125,8 +161,7 @@ def check_or_write_config(out_dir: str | Path, config: dict) -> bool:
         except (OSError, json.JSONDecodeError) as exc:
             raise ReportError(f"cannot read {path}: {exc}. Use another --out, or delete the folder.") from exc
         if stored != config:
-            keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-            diffs = "; ".join(f"{k}: stored {stored.get(k)!r}, now {config.get(k)!r}" for k in keys[:5])
+            diffs = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, a, b in _differences(stored, config)[:5])
             raise ConfigMismatchError(
                 f"--out {out_dir} holds results of another configuration ({diffs}). Use another --out, "
                 f"or delete {out_dir} to start over.")
@@ -136,6 +171,16 @@ def check_or_write_config(out_dir: str | Path, config: dict) -> bool:
                                   "be attributed to a configuration. Use another --out.")
     write_json_atomic(path, config)
     return False
+
+
+def _differences(a: tp.Any, b: tp.Any, prefix: str = "") -> list[tuple[str, tp.Any, tp.Any]]:
+    """The leaves where two JSON values differ, as (dotted key, value in a, value in b)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = []
+        for key in sorted(set(a) | set(b)):
+            found += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return found
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def write_curve_csv(path: str | Path, sequences: dict[str, dict[str, np.ndarray]], frame_rate: float) -> None:
@@ -221,4 +266,4 @@ def plot_curve(path: str | Path, sequences: dict[str, np.ndarray], frame_rate: f
         fig.savefig(buffer, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
-    _atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
+    _write_atomic(Path(path), lambda f: f.write(buffer.getvalue()))

@@ -316,7 +316,6 @@ class StepLogitsLMGen(_upstream.LMGen):
     # upstream-end
 
 
-
 @dataclass
 class ChunkStats:
     """What chunked `step_with_logits` calls did, summed since the `LMGen` was made (or the counts reset).

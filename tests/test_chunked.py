@@ -2,7 +2,6 @@
 codes, the one-frame path (C = 1) on the same stream, and a replay of its text tokens."""
 import pytest
 import torch
-from torch import nn
 
 from moshi.modules.streaming import State, StreamingModule
 from moshi_patch import LMGen
@@ -228,7 +227,8 @@ def test_single_frame_input_range_is_checked() -> None:
             with pytest.raises(ValueError, match=rf"input_tokens\[0, 0, 0\] = {bad} is out of range"):
                 lm_gen.step_with_logits(user)
         for step in range(2):   # max_delay 1: the second step returns frame 0
-            out = lm_gen.step_with_logits(codes[:, 1 + lm.dep_q:, step:step + 1], codes[:, :1 + lm.dep_q, step:step + 1])
+            frame = codes[:, :, step:step + 1]
+            out = lm_gen.step_with_logits(frame[:, 1 + lm.dep_q:], frame[:, :1 + lm.dep_q])
         assert out is not None and torch.isfinite(out.audio_logits).all()
 
 

@@ -8,10 +8,6 @@ import json
 import os
 from pathlib import Path
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +16,7 @@ import torch.nn.functional as F
 from moshi.utils.compile import no_compile
 from safetensors.torch import load_file, save_file
 
+from cli_helpers import sigterm_after_first_book
 from checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
 from moshi_eval import report
 from moshi_eval.cli import main
@@ -157,10 +154,9 @@ def test_oracle_through_cli_and_interrupted_run_resumes(world, monkeypatch, caps
     resumed = _npz(out)
     np.testing.assert_array_equal(resumed[written[0].stem]["codebook_ce"], first["codebook_ce"])
     assert resumed.keys() == seqs.keys()
-    for sid in seqs:
-        np.testing.assert_allclose(resumed[sid]["codebook_ce"], seqs[sid]["codebook_ce"], atol=1e-5)
-    ref = _results(full)["metrics"]["audio_ce"]
-    assert res["metrics"]["audio_ce"]["mean"] == pytest.approx(ref["mean"], abs=1e-5)
+    for sid in seqs:    # Each book in the batch it had in the uninterrupted run: bitwise the same numbers.
+        np.testing.assert_array_equal(resumed[sid]["codebook_ce"], seqs[sid]["codebook_ce"])
+    assert res["metrics"] == _results(full)["metrics"]
 
     # The same --out with another configuration: refused, nothing overwritten.
     before = (out / "results.json").read_bytes()
@@ -178,21 +174,8 @@ def test_sigterm_keeps_finished_books_and_prints_resume_command(world):
     args = ["librilight", "--audio-dir", str(audio), "--out", str(out), "--cache-dir", str(world["cache"]),
             "--batch-size", "1", "--text", "pad", "--chunk", "1", *FAST, *world["ckpt"]["cli_args"]]
     # One frame per call: slow enough for the signal to land between two books.
-    env = dict(os.environ, NO_TORCH_COMPILE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "moshi_eval", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    try:
-        while not list((out / "sequences").glob("*.npz")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "no sequence finished in time"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, err = sigterm_after_first_book(args, out)
+    assert returncode == 130, err
     assert "Resume with the same command" in err
     done = list((out / "sequences").glob("*.npz"))
     assert 1 <= len(done) < 3

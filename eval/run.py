@@ -1,0 +1,392 @@
+"""The eval run behind `moshi-eval librilight` and `demo`: lock, identify, encode, score, write, aggregate.
+
+No result is lost or mixed:
+- one run at a time per `--out` (`lock.OutputLock`), taken before anything is read or written there;
+- the configuration (`config.json`) holds what the numbers depend on, the content hash of every weight file
+  included: an `--out` of another configuration is refused;
+- each book's file holds its chapters' identity (path, size, mtime, sha256): a finished book whose chapters
+  changed is scored again (and the run says so), never reused;
+- books are batched by length over the whole selection, so a resumed run scores each book in the very batch
+  an uninterrupted run would have: its numbers are bitwise the same;
+- each book is written atomically as soon as it is scored; SIGTERM / Ctrl-C stop between two calls and
+  print the command that resumes.
+"""
+import argparse
+from dataclasses import dataclass, field
+import datetime
+import os
+from pathlib import Path
+import platform
+import shlex
+import signal
+import sys
+import threading
+import time
+import typing as tp
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from moshi_patch import LMGen
+
+from . import report
+from .checkpoint import LoadedCheckpoint, check_codec_fits
+from .codes import CodeCache, codec_identity, encode_book, silence_codes
+from .data import AudioReadError, Book, DataError
+from .hashing import FileHasher
+from .lock import OutputLock
+from .metrics import summarize
+from .scoring import score_sequences
+
+# Frames of silence encoded for the user stream; later user frames repeat the last one. Mimi's encoder
+# attends over 250 steps at 25 Hz (10 s = 125 frames): once the warm-up frames are out of that window its
+# input, hence its codes, are constant.
+SILENCE_FRAMES = 160
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """A bad combination of command line values."""
+
+
+@dataclass
+class EvalJob:
+    """Everything `run_eval` needs, whatever the source of the model and the books."""
+    argv: list[str]
+    out: Path
+    audio_dir: Path
+    select: tp.Callable[[], list[Book]]       # the books, called once --out is locked and checked
+    load: tp.Callable[[], LoadedCheckpoint]   # loads the model and codec (after the config check)
+    identity: dict                             # model identity (for the config and results.json)
+    args: argparse.Namespace
+    hasher: FileHasher = field(default_factory=FileHasher)
+    extra_config: dict = field(default_factory=dict)
+
+
+def scoring_config(job: EvalJob) -> dict:
+    """What the per-sequence numbers depend on: a rerun in the same --out must match it exactly.
+
+    Book selection (--num-books, --min-frames), reporting and --strict are left out: they do not change a
+    finished book's numbers, so a run can be extended or re-reported in place. The batch size and device
+    are recorded with each book.
+    """
+    a = job.args
+    return {
+        "audio_dir": os.fsdecode(job.audio_dir.resolve()),
+        "model": job.identity,
+        "max_chapters": a.max_chapters,
+        "max_frames": a.max_frames,
+        "user_stream": a.user_stream,
+        "text": a.text,
+        "first_codebook_weight": a.first_codebook_weight,
+        # The losses agree across chunk lengths up to float rounding only: a resumed run keeps its chunk so
+        # that its books are bitwise those of an uninterrupted run.
+        "chunk": a.chunk,
+        **job.extra_config,
+    }
+
+
+def versions() -> dict:
+    import moshi
+    import moshi_patch
+    from importlib import metadata
+    try:
+        moshi_version = metadata.version("moshi")
+    except metadata.PackageNotFoundError:
+        moshi_version = getattr(moshi, "__version__", None)
+    return {"moshi": moshi_version, "torch": torch.__version__, "moshi_patch": moshi_patch.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def book_entry(book: Book, sequence_id: str) -> dict:
+    return {"sequence_id": sequence_id, "speaker": book.speaker, "book": book.book,
+            "chapters": [{"file": os.fsdecode(c.path), "metadata": c.metadata} for c in book.chapters]}
+
+
+def command_line(argv: list[str]) -> str:
+    return "moshi-eval " + shlex.join(argv)
+
+
+def _raise_interrupt(signum: int, frame: tp.Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def run_eval(job: EvalJob) -> int:
+    """Encode, score, write and aggregate. Returns the exit code.
+
+    SIGTERM is turned into KeyboardInterrupt; either stops the run between two streaming calls, leaving
+    every finished book's file intact, and prints the command that resumes it.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    threads = torch.get_num_threads()
+    if job.args.threads is not None:
+        torch.set_num_threads(job.args.threads)
+    try:
+        _check_usage(job)
+        with OutputLock(job.out, command_line(job.argv)):
+            return _run_locked(job)
+    except KeyboardInterrupt:
+        seq_dir = job.out / report.SEQUENCES_DIR
+        n = len(list(seq_dir.glob("*.npz"))) if seq_dir.is_dir() else 0
+        print(f"\nmoshi-eval: interrupted. {n} finished book(s) are saved in {seq_dir}. "
+              f"Resume with the same command:\n  {command_line(job.argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        torch.set_num_threads(threads)     # main() may be called in-process (tests, notebooks)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _check_usage(job: EvalJob) -> None:
+    args, out = job.args, job.out
+    if args.min_frames is not None and args.max_frames is not None and args.min_frames > args.max_frames:
+        raise UsageError(f"--min-frames {args.min_frames} is larger than --max-frames {args.max_frames}: "
+                         "no book could be scored.")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the folder: {exc.strerror}.") from exc
+
+
+@dataclass
+class _Book:
+    """A selected book on its way through the run."""
+    book: Book
+    sequence_id: str
+    chapters: list[dict] | None = None        # identity of its chapter files, None if one is unreadable
+    codes: torch.Tensor | None = None         # [8, T] once encoded
+    finished: dict[str, np.ndarray] | None = None   # its arrays, once scored (in this run or before)
+    frames: int | None = None                 # frames it is scored on (after --max-frames)
+    scored_now: bool = False                  # scored (and written) by this run
+
+
+def _run_locked(job: EvalJob) -> int:
+    args, out = job.args, job.out
+    start_time = time.perf_counter()
+    resumed = report.check_or_write_config(out, scoring_config(job))
+    books = [_Book(b, b.sequence_id) for b in job.select()]
+    _check_unique_ids(books, job.audio_dir)
+    ckpt = job.load()
+    lm_model, mimi = ckpt.lm_model, ckpt.mimi
+    check_codec_fits(lm_model, mimi)
+    _resume(books, job, resumed)
+    cache = None if args.no_cache else CodeCache(args.cache_dir, codec_identity(mimi))
+    skipped: list[dict] = []
+    encode_start = time.perf_counter()
+    _encode(books, [b for b in books if b.finished is None], mimi, lm_model.dep_q, cache, args, skipped)
+    books = _length_filter(books, args, skipped, job.audio_dir)
+    batches = _batches(books, args.batch_size)
+    todo = [batch for batch in batches if any(b.finished is None for b in batch)]
+    _encode(books, [b for batch in todo for b in batch if b.codes is None], mimi, lm_model.dep_q, cache, args,
+            skipped)
+    encode_seconds = time.perf_counter() - encode_start
+    lm_gen = LMGen(lm_model, use_sampling=False)
+    score_start = time.perf_counter()
+    scored_frames = _score(todo, lm_gen, mimi, job)
+    score_seconds = time.perf_counter() - score_start
+    finished = [b for b in books if b.finished is not None]
+    timing = {"start": start_time, "encode_seconds": encode_seconds, "score_seconds": score_seconds,
+              "scored_frames": scored_frames}
+    _write_results(job, ckpt, lm_gen, finished, skipped, cache, timing)
+    return 0
+
+
+def _check_unique_ids(books: list[_Book], audio_dir: Path) -> None:
+    ids = [b.sequence_id for b in books]
+    if len(set(ids)) != len(ids):
+        dups = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(f"several books share a sequence id under {audio_dir}: {dups[:5]}")
+
+
+def _chapter_identity(book: Book, hasher: FileHasher) -> list[dict] | None:
+    try:
+        return [hasher.identity(c.path) for c in book.chapters]
+    except OSError:
+        return None
+
+
+def _resume(books: list[_Book], job: EvalJob, resumed: bool) -> None:
+    """Mark the books already scored in `--out` as finished, unless their chapters changed since."""
+    rescored = []
+    for b in books:
+        b.chapters = _chapter_identity(b.book, job.hasher)
+        path = report.sequence_path(job.out, b.sequence_id)
+        if not path.is_file():
+            continue
+        arrays, meta = report.read_sequence(path, with_meta=True)
+        if b.chapters is not None and meta.get("chapters") == b.chapters:
+            b.finished = arrays
+        else:
+            rescored.append(b.sequence_id)
+    done = sum(b.finished is not None for b in books)
+    if resumed and done:
+        print(f"moshi-eval: resuming in {job.out}: {done} of {len(books)} books already scored.", file=sys.stderr)
+    for sid in rescored:
+        print(f"moshi-eval: {sid}: its chapters changed since it was scored (added, removed or replaced "
+              "files): scoring it again.", file=sys.stderr)
+
+
+def _encode(books: list[_Book], which: list[_Book], mimi: tp.Any, num_codebooks: int, cache: CodeCache | None,
+            args: argparse.Namespace, skipped: list[dict]) -> None:
+    """Mimi codes of `which` (cached on disk by content and codec); unreadable books go to `skipped`."""
+    progress = not args.no_progress
+    with tqdm(total=sum(len(b.book.chapters) for b in which), unit="chapter", desc="encoding",
+              disable=not progress or not which, dynamic_ncols=True) as bar:
+        for b in which:
+            try:
+                b.codes = encode_book(mimi, b.book, cache, num_codebooks=num_codebooks,
+                                      on_chapter=lambda i, c: bar.update(1))
+            except AudioReadError as exc:
+                if args.strict:
+                    raise
+                tqdm.write(f"moshi-eval: skipping book {b.sequence_id}: {exc}", file=sys.stderr)
+                skipped.append(dict(book_entry(b.book, b.sequence_id), reason=str(exc), path=os.fsdecode(exc.path)))
+                books.remove(b)
+                continue
+            b.frames = min(b.codes.shape[-1], args.max_frames or b.codes.shape[-1])
+
+
+def _length_filter(books: list[_Book], args: argparse.Namespace, skipped: list[dict], audio_dir: Path) -> list[_Book]:
+    """Books long enough for --min-frames (finished ones by their saved length)."""
+    for b in books:
+        if b.finished is not None:
+            b.frames = int(b.finished["audio_ce"].shape[0])
+    kept = []
+    for b in books:
+        length = b.frames if b.codes is None else int(b.codes.shape[-1])
+        assert length is not None
+        if args.min_frames is not None and length < args.min_frames:
+            skipped.append(dict(book_entry(b.book, b.sequence_id), frames=length,
+                                reason=f"shorter than --min-frames {args.min_frames}: {length} frames"))
+        else:
+            kept.append(b)
+    if not kept:
+        if skipped and all("min-frames" in s["reason"] for s in skipped):
+            longest = max(s["frames"] for s in skipped)
+            raise DataError(f"every book is shorter than --min-frames {args.min_frames} frames "
+                            f"(longest: {longest} frames) under {audio_dir}.")
+        reasons = "; ".join(f"{s['sequence_id']}: {s['reason']}" for s in skipped[:5])
+        raise DataError(f"no book could be scored under {audio_dir} ({reasons}).")
+    return kept
+
+
+def _batches(books: list[_Book], batch_size: int) -> list[list[_Book]]:
+    """Batches of books of similar length (few frames streamed past the shorter ones), formed over the whole
+    selection, finished books included: a resumed run scores each book in the batch it always had."""
+    order = sorted(books, key=lambda b: b.frames or 0)   # stable: ties keep the selection order
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _score(batches: list[list[_Book]], lm_gen: LMGen, mimi: tp.Any, job: EvalJob) -> int:
+    """Scores each batch; writes its books not finished yet. Returns the frames written."""
+    args, out = job.args, job.out
+    lm_model = lm_gen.lm_model
+    silence = None
+    if args.user_stream == "silence":
+        silence = silence_codes(mimi, SILENCE_FRAMES)[: lm_model.n_q - lm_model.dep_q]
+    total = sum(b.frames or 0 for batch in batches for b in batch if b.finished is None)
+    written = 0
+    with tqdm(total=total, unit="frame", desc="scoring", disable=args.no_progress or not total,
+              dynamic_ncols=True, smoothing=0.05) as bar:
+        for batch in batches:
+            results = score_sequences(
+                lm_gen, [b.codes for b in batch], sequence_ids=[b.sequence_id for b in batch],
+                user_stream=args.user_stream, text=args.text, silence=silence, max_frames=args.max_frames,
+                progress=bar, chunk=args.chunk, first_codebook_weight=args.first_codebook_weight)
+            for result in results:
+                b = batch[result.index]
+                if b.finished is not None:      # Scored before, in this same batch: the same numbers.
+                    continue
+                meta = {"sequence_id": b.sequence_id, "chapters": b.chapters, "batch_size": args.batch_size,
+                        "batch": [x.sequence_id for x in batch], "device": str(lm_model.device)}
+                path = report.write_sequence(out, b.sequence_id, result.arrays(), meta)
+                b.finished = result.arrays()
+                b.scored_now = True
+                written += result.num_frames
+                tqdm.write(f"moshi-eval: {b.sequence_id}: {result.num_frames} frames, mean audio_ce "
+                           f"{np.nanmean(result.audio_ce):.4f} -> {path}", file=sys.stderr)
+    return written
+
+
+def chunk_summary(lm_gen: LMGen) -> dict:
+    """What chunked scoring did in this run: passes per chunk and, for predicted text, the guesses."""
+    stats = lm_gen.chunk_stats
+    return {"chunked_calls": stats.calls, "frames": stats.frames, "passes": stats.passes,
+            "passes_per_chunk": stats.passes_per_call, "text_guesses": stats.guesses,
+            "text_guesses_accepted": stats.guesses_right, "text_guess_accepted_share": stats.guess_accuracy}
+
+
+def _metrics(sequences: dict[str, dict[str, np.ndarray]], args: argparse.Namespace) -> dict:
+    def summary(values: list[np.ndarray]) -> dict:
+        return summarize(values, args.report_at, args.report_window, args.bucket).to_dict()
+
+    metrics: dict[str, tp.Any] = {name: summary([s[name] for s in sequences.values()])
+                                  for name in ("audio_ce", "audio_ce_weighted")}
+    K = next(iter(sequences.values()))["codebook_ce"].shape[0]
+    metrics["codebook_ce"] = [summary([s["codebook_ce"][k] for s in sequences.values()]) for k in range(K)]
+    return metrics
+
+
+def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, lm_gen: LMGen, finished: list[_Book],
+                   skipped: list[dict], cache: CodeCache | None, timing: dict) -> None:
+    """`results.json`, `curve.csv` and `curve.png`, rebuilt from every finished book of the selection."""
+    args, out = job.args, job.out
+    lm_model, mimi = ckpt.lm_model, ckpt.mimi
+    frame_rate = float(mimi.frame_rate)
+    sequences = {b.sequence_id: tp.cast(dict, b.finished) for b in finished}
+    books_meta = []
+    for b in finished:
+        s = sequences[b.sequence_id]
+        T = int(s["audio_ce"].shape[0])
+        books_meta.append(dict(
+            book_entry(b.book, b.sequence_id), frames=T, minutes=T / frame_rate / 60,
+            audio_ce_mean=float(np.nanmean(s["audio_ce"])),
+            audio_ce_weighted_mean=float(np.nanmean(s["audio_ce_weighted"])),
+            file=str(report.sequence_path(out, b.sequence_id).relative_to(out))))
+    scored, seconds = timing["scored_frames"], timing["score_seconds"]
+    total_seconds = time.perf_counter() - timing["start"]
+    runtime = {
+        "frames": scored, "seconds": seconds,
+        "frames_per_s": scored / seconds if scored else None,
+        "frames_per_s_note": None if scored else "nothing scored in this run (all books were finished)",
+        "encode_seconds": timing["encode_seconds"], "total_seconds": total_seconds,
+        "books_scored_this_run": sum(b.scored_now for b in finished),
+        "books_resumed": sum(not b.scored_now for b in finished),
+        "code_cache": None if cache is None else {"dir": str(cache.root), "hits": cache.hits,
+                                                  "misses": cache.misses},
+        "device": str(lm_model.device),
+        "chunks": chunk_summary(lm_gen),
+    }
+    results = {
+        "command": command_line(job.argv),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": dict(scoring_config(job), batch_size=args.batch_size, num_books=args.num_books,
+                       min_frames=args.min_frames, report_at=list(args.report_at),
+                       report_window=args.report_window, bucket=args.bucket, strict=args.strict),
+        "versions": versions(),
+        "model": dict(ckpt.identity, n_q=lm_model.n_q, dep_q=lm_model.dep_q, card=lm_model.card,
+                      text_card=lm_model.text_card, delays=list(lm_model.delays), context=lm_model.context,
+                      context_minutes=None if lm_model.context is None else lm_model.context / frame_rate / 60,
+                      text_padding_token_id=lm_model.text_padding_token_id),
+        "codec": {"identity": codec_identity(mimi), "num_codebooks": mimi.num_codebooks,
+                  "cardinality": mimi.cardinality, "sample_rate": mimi.sample_rate, "frame_rate": frame_rate},
+        "num_books": len(books_meta),
+        "books": books_meta,
+        "skipped": skipped,
+        "metrics": _metrics(sequences, args),
+        "runtime": runtime,
+    }
+    report.write_json_atomic(out / report.RESULTS_JSON, results)
+    report.write_curve_csv(out / report.CURVE_CSV, sequences, frame_rate)
+    report.plot_curve(out / report.CURVE_PNG, {sid: s["audio_ce"] for sid, s in sequences.items()},
+                      frame_rate, lm_model.context,
+                      title=f"audio CE of {len(sequences)} book(s), text={args.text}, user={args.user_stream}")
+    rate = f"{scored / seconds:.1f} frames/s" if scored else "nothing left to score"
+    print(f"moshi-eval: {len(sequences)} book(s), {scored} frames scored in {seconds:.1f} s "
+          f"({rate}); {len(skipped)} skipped; total {total_seconds:.1f} s; results in "
+          f"{out / report.RESULTS_JSON}")
