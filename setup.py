@@ -26,7 +26,8 @@ setup(
     package_dir={"moshi_patch": "moshi_patch", "moshi_eval": "eval"},
     package_data={"moshi_eval": ["assets/*"]},
     install_requires=[
-        "moshi==0.2.13",
+        # moshi_patch: 0.2.9 to 0.2.13, moshi_eval: 0.2.12 to 0.2.13 (tests/moshi_matrix.py, moshi_patch/compat.py)
+        "moshi>=0.2.9,<=0.2.13",
         "torch>=2.2,<2.10",
         "numpy",
         "einops",

@@ -4,11 +4,15 @@ Data flows one way: audio (`data`) -> Mimi codes (`codes`) -> `moshi_patch.LMGen
 (`scoring`) -> per-frame losses (`loss`) -> aggregates (`metrics`) -> files (`report`). The command line is
 `moshi-eval` (`cli`); `check` holds `moshi-eval check-streaming`.
 """
-from .codes import CodeCache, encode_audio, encode_book, silence_codes
-from .data import AudioReadError, Book, Chapter, DataError, discover_books, read_audio, select_books
-from .loss import AudioCE, audio_cross_entropy
-from .metrics import summarize
-from .scoring import FrameLoss, NonFiniteLossError, SequenceScores, score, score_sequences
+from moshi_patch.compat import SUPPORTED_MOSHI_EVAL, check_moshi_version
+
+check_moshi_version("moshi_eval", SUPPORTED_MOSHI_EVAL)
+
+from .codes import CodeCache, encode_audio, encode_book, silence_codes  # noqa: E402
+from .data import AudioReadError, Book, Chapter, DataError, discover_books, read_audio, select_books  # noqa: E402
+from .loss import AudioCE, audio_cross_entropy  # noqa: E402
+from .metrics import summarize  # noqa: E402
+from .scoring import FrameLoss, NonFiniteLossError, SequenceScores, score, score_sequences  # noqa: E402
 
 __all__ = [
     "AudioCE", "AudioReadError", "Book", "Chapter", "CodeCache", "DataError", "FrameLoss",

@@ -7,12 +7,15 @@ and `--mimi-weight` (and optionally `--mimi-config`, `--tokenizer`).
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+import sys
 import typing as tp
 
 import torch
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
+from moshi.modules.lora import replace_lora_with_linear
+from safetensors.torch import load_file
 
 from .hashing import FileHasher
 
@@ -22,7 +25,8 @@ class CheckpointError(ValueError):
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """--hf-repo --moshi-weight --mimi-weight --tokenizer --config --mimi-config --device --dtype."""
+    """--hf-repo --moshi-weight --mimi-weight --tokenizer --config --mimi-config --lora-weight --fuse-lora
+    --checkpoint-dir --device --dtype."""
     group = parser.add_argument_group("checkpoint (moshi.models.loaders.CheckpointInfo)")
     group.add_argument("--hf-repo", default=None,
                        help=f"Hugging Face repo of the checkpoint, e.g. {loaders.DEFAULT_REPO}")
@@ -31,6 +35,16 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", default=None, help="text tokenizer (sentencepiece): local path or hf://")
     group.add_argument("--config", default=None, help="LM config.json (moshi's format), overrides the repo's")
     group.add_argument("--mimi-config", default=None, help="Mimi config JSON, for a non-default codec")
+    group.add_argument("--lora-weight", default=None,
+                       help="LoRA adapters (safetensors, e.g. moshi-finetune's lora.safetensors): local path or "
+                            "hf://repo/file; the config must say `lora: true`")
+    group.add_argument("--fuse-lora", action=argparse.BooleanOptionalAction, default=True,
+                       help="merge the LoRA adapters into the weights after loading (--no-fuse-lora keeps the "
+                            "LoRA layers)")
+    group.add_argument("--checkpoint-dir", type=Path, default=None,
+                       help="a moshi-finetune checkpoint folder (checkpoint_NNNNNN or its consolidated/ folder: "
+                            "config.json with lora.safetensors or consolidated.safetensors); Mimi and the "
+                            "tokenizer come from --hf-repo or the local flags")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="LM dtype (default: bfloat16 on cuda, float32 on cpu)")
@@ -47,19 +61,16 @@ class LoadedCheckpoint:
 @dataclass
 class ResolvedCheckpoint:
     """A checkpoint located (downloaded if needed) but not loaded yet: its identity is known cheaply."""
-    info: loaders.CheckpointInfo
+    info: loaders.CheckpointInfo     # its `lm_config` is the config the model is built from
     device: torch.device
     dtype: torch.dtype
     identity: dict
+    fuse_lora: bool = True
 
     def load(self) -> LoadedCheckpoint:
         """The LM, Mimi and tokenizer, each failure naming the file (or config key) it came from."""
         _check_codec_config(self.info.lm_config, self.info.mimi_config)
-        try:
-            lm_model = self.info.get_moshi(device=self.device, dtype=self.dtype)
-        except Exception as exc:   # safetensors, torch, moshi's asserts: name the file
-            raise CheckpointError(f"cannot load the LM weights {self.info.moshi_weights}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+        lm_model = load_lm(self.info, self.device, self.dtype, self.fuse_lora)
         try:
             mimi = self.info.get_mimi(device=self.device)
         except Exception as exc:   # safetensors, torch, moshi's asserts: name the file
@@ -150,6 +161,108 @@ def _check_codec_config(lm_config: dict | None, mimi_config: dict | None) -> Non
             f"audio streams take {needed} (dep_q = {lm_config['dep_q']}, n_q = {lm_config['n_q']}).")
 
 
+LORA_KEYS = (".lora_A.", ".lora_B.")
+
+
+def _weight_keys(path: Path) -> list[str]:
+    """Names of the tensors of a weight file (safetensors: read from its header, nothing loaded)."""
+    if not loaders._is_safetensors(path):
+        return list(_read_state(path, "cpu"))
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the weight file {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_state(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A weight file's tensors, as moshi's loader reads them (safetensors, or a torch `fsdp_best_state`)."""
+    try:
+        if loaders._is_safetensors(path):
+            return load_file(str(path), device=str(device))
+        return torch.load(path, "cpu")["fsdp_best_state"]["model"]
+    except Exception as exc:   # safetensors, pickle, zip, OS errors: name the file
+        raise CheckpointError(f"cannot load the weight file {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _plan_lora(info: loaders.CheckpointInfo, fuse: bool) -> dict:
+    """What to do with LoRA, decided before anything is loaded; may turn LoRA off in `info.lm_config`.
+
+    moshi-finetune writes `lora: true` in config.json whenever LoRA training was on, also next to merged
+    weights, and moshi's loader then wraps every linear in a LoRA layer whose A and B stay random. Here:
+    adapters given (--lora-weight, a checkpoint folder) are loaded; LoRA keys in the LM weights are loaded;
+    neither: the weights are merged ones, and the model is built without LoRA layers (said on stderr).
+    """
+    config = info.lm_config or {}
+    wants = bool(config.get("lora", False))
+    if info.lora_weights is not None and not wants:
+        raise CheckpointError(f"--lora-weight {info.lora_weights} is given but the LM config has no `lora: true` "
+                              "(nor its `lora_rank` and `lora_scaling`): use the config.json saved with the "
+                              "adapters (moshi-finetune's consolidated/config.json).")
+    if not wants:
+        return {"status": "none"}
+    plan = {"rank": config.get("lora_rank", 128), "scaling": config.get("lora_scaling", 2.0), "fused": fuse}
+    if info.lora_weights is not None:
+        return dict(plan, status="loaded from the LoRA weights file")
+    if any(marker in key for key in _weight_keys(Path(info.moshi_weights)) for marker in LORA_KEYS):
+        return dict(plan, status="loaded from the LM weights (they hold LoRA keys)")
+    info.lm_config = dict(config, lora=False)
+    print(f"moshi-eval: the LM config says `lora: true` but no LoRA weights were given and the LM weights "
+          f"{info.moshi_weights} hold no LoRA keys: they are merged weights, loaded without LoRA layers (a LoRA "
+          "layer would keep random A and B).", file=sys.stderr)
+    return {"status": "ignored: merged weights without LoRA keys, loaded without LoRA layers"}
+
+
+def load_lm(info: loaders.CheckpointInfo, device: torch.device, dtype: torch.dtype, fuse_lora: bool) -> LMModel:
+    """The LM of `info` (moshi's own model, LoRA layers included when the config asks for them), with every
+    parameter set by a file: one that no file sets (it would keep its random initialisation) is an error
+    naming it. LoRA adapters are merged into the weights when `fuse_lora`."""
+    model = loaders.get_moshi_lm(None, lm_kwargs=info.lm_config, device="meta", dtype=dtype)
+    files = [Path(info.moshi_weights)] + ([Path(info.lora_weights)] if info.lora_weights is not None else [])
+    for path in files:
+        state = _read_state(path, device)
+        for key, value in state.items():
+            if value.dtype.is_floating_point:   # as moshi's loader: conditioners stay in float32
+                float32 = key.startswith("condition_provider.") or key.startswith("fuser.")
+                state[key] = value.float() if float32 else value.to(dtype)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{path} holds {len(result.unexpected_keys)} tensors the model does not have "
+                                  f"({', '.join(result.unexpected_keys[:5])}): another architecture or config?")
+    unset = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if unset:
+        raise CheckpointError(
+            f"{len(unset)} parameters of the model are set by no file ({', '.join(unset[:5])}"
+            f"{', ...' if len(unset) > 5 else ''}): they would keep a random initialisation. Files read: "
+            f"{', '.join(map(str, files))}.")
+    model = model.to(device)
+    if fuse_lora and (info.lm_config or {}).get("lora"):
+        replace_lora_with_linear(model)
+    return model.eval()
+
+
+def _checkpoint_dir_files(folder: Path) -> dict[str, Path]:
+    """config.json and the weights of a moshi-finetune checkpoint folder (or its consolidated/ folder)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"--checkpoint-dir {folder}: not a folder.")
+    if (folder / "consolidated").is_dir():
+        folder = folder / "consolidated"
+    names = ("config.json", "lora.safetensors", "consolidated.safetensors")
+    config, lora, merged = (folder / name for name in names)
+    if not config.is_file():
+        raise CheckpointError(f"--checkpoint-dir {folder}: no config.json (moshi-finetune saves it beside the "
+                              "weights, in checkpoint_NNNNNN/consolidated/).")
+    if lora.is_file() and merged.is_file():
+        raise CheckpointError(f"--checkpoint-dir {folder}: holds both lora.safetensors and consolidated.safetensors: "
+                              "ambiguous. Give --lora-weight (adapters on the base model) or --moshi-weight "
+                              "(merged weights) with --config instead.")
+    if not lora.is_file() and not merged.is_file():
+        raise CheckpointError(f"--checkpoint-dir {folder}: no weights: expected lora.safetensors (LoRA adapters) or "
+                              "consolidated.safetensors (full weights) beside config.json.")
+    return {"config": config, "lora": lora} if lora.is_file() else {"config": config, "moshi": merged}
+
+
 def resolve_checkpoint(args: argparse.Namespace, hasher: FileHasher | None = None) -> ResolvedCheckpoint:
     """Locate the checkpoint files (downloading from the hub if a repo is given) without loading them.
 
@@ -164,7 +277,17 @@ def resolve_checkpoint(args: argparse.Namespace, hasher: FileHasher | None = Non
     dtype = resolve_dtype(getattr(args, "dtype", None), device)
     hf_repo = getattr(args, "hf_repo", None)
     local = {"--moshi-weight": args.moshi_weight, "--mimi-weight": args.mimi_weight,
-             "--tokenizer": args.tokenizer, "--config": args.config, "--mimi-config": args.mimi_config}
+             "--tokenizer": args.tokenizer, "--config": args.config, "--mimi-config": args.mimi_config,
+             "--lora-weight": getattr(args, "lora_weight", None)}
+    checkpoint_dir = getattr(args, "checkpoint_dir", None)
+    if checkpoint_dir is not None:
+        found = _checkpoint_dir_files(Path(checkpoint_dir))
+        for flag, key in (("--config", "config"), ("--moshi-weight", "moshi"), ("--lora-weight", "lora")):
+            if key in found:
+                if local[flag] is not None:
+                    raise CheckpointError(f"{flag} {local[flag]} and --checkpoint-dir {checkpoint_dir} (which "
+                                          f"holds {found[key].name}) both give it: keep one.")
+                local[flag] = str(found[key])
     if hf_repo is None:
         missing = [flag for flag in ("--config", "--moshi-weight", "--mimi-weight") if local[flag] is None]
         if missing:
@@ -176,23 +299,30 @@ def resolve_checkpoint(args: argparse.Namespace, hasher: FileHasher | None = Non
             raise CheckpointError(f"{flag}: no such file: {value}")
     try:
         info = loaders.CheckpointInfo.from_hf_repo(
-            hf_repo, moshi_weights=args.moshi_weight, mimi_weights=args.mimi_weight,
-            tokenizer=args.tokenizer, config_path=args.config, mimi_config_path=args.mimi_config)
+            hf_repo, moshi_weights=local["--moshi-weight"], mimi_weights=local["--mimi-weight"],
+            tokenizer=local["--tokenizer"], config_path=local["--config"], mimi_config_path=local["--mimi-config"],
+            lora_weights=local["--lora-weight"])
     except Exception as exc:   # hub errors (offline, missing repo/file, auth), bad JSON config
         raise CheckpointError(f"cannot locate the checkpoint (--hf-repo {hf_repo}): "
                               f"{type(exc).__name__}: {exc}") from exc
-    _check_lm_config(info.lm_config, f"LM config {args.config or hf_repo}")
+    _check_lm_config(info.lm_config, f"LM config {local['--config'] or hf_repo}")
+    fuse = getattr(args, "fuse_lora", True)
+    lora = _plan_lora(info, fuse)
+    if info.lora_weights is not None:
+        lora["weights"] = _file_identity(Path(info.lora_weights), hasher)
     identity = {
         "hf_repo": hf_repo,
+        "checkpoint_dir": None if checkpoint_dir is None else str(Path(checkpoint_dir).resolve()),
         "moshi_weights": _file_identity(Path(info.moshi_weights), hasher),
         "mimi_weights": _file_identity(Path(info.mimi_weights), hasher),
-        "lm_config": info.lm_config,
+        "lora": lora,
+        "lm_config": info.lm_config,      # as the model is built (LoRA off for merged weights)
         "mimi_config": info.mimi_config,
         "model_type": info.model_type,
         "model_id": info.model_id,
         "dtype": str(dtype).replace("torch.", ""),
     }
-    return ResolvedCheckpoint(info, device, dtype, identity)
+    return ResolvedCheckpoint(info, device, dtype, identity, fuse_lora=fuse)
 
 
 def load_checkpoint(args: argparse.Namespace) -> LoadedCheckpoint:

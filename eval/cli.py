@@ -83,7 +83,8 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
     parser.add_argument("--text", choices=TEXT_MODES, default="predicted",
                         help="text stream: the model's own argmax (default) or forced to the padding token")
     parser.add_argument("--first-codebook-weight", type=_positive_float, default=DEFAULT_FIRST_CODEBOOK_WEIGHT,
-                        help="weight of codebook 0 in audio_ce_weighted (default 100, as moshi-finetune)")
+                        help="weight of codebook 0 in audio_ce_weighted (default 100, as moshi-finetune's "
+                             "example config; its loss function defaults to 1)")
     parser.add_argument("--report-at", type=_frame_list, default=report_at,
                         help="frames at which results.json reports the curve (default "
                              f"{','.join(map(str, report_at))})")

@@ -4,7 +4,10 @@ A chapter is encoded with Mimi in streaming mode, `chunk_frames` whole frames at
 activations stay bounded on hour-long chapters (one-shot `mimi.encode` attends over the whole chapter).
 Streaming Mimi only takes whole frames of `mimi.frame_size` samples (1920 at 24 kHz, 12.5 Hz): the end of
 a chapter is padded with zeros to a whole frame, which is also what one-shot `mimi.encode` does, so the
-result equals `mimi.encode(wav)` (tests/test_codes.py checks it). Each chapter starts from a fresh
+result equals `mimi.encode(wav)` up to float rounding (tests/test_codes.py checks it on a Mimi with spread
+codebooks). Rounding can still flip a code where two entries of a residual-quantizer level are nearly tied
+(measured on a small Mimi: 7 of 1,120 codes of a chapter, one frame, with chunks of 250 frames; none frame by
+frame), so the codes depend on the chunk length: the code cache keys on it. Each chapter starts from a fresh
 streaming state; the book's codes are its chapters' codes concatenated.
 
 Why the KV caches are widened: moshi's streaming attention keeps a ring cache of exactly `context` steps,
@@ -12,7 +15,7 @@ so a call feeding T > 1 steps overwrites keys that the first queries of the call
 `context` they see almost nothing). Frame-by-frame streaming (2 encoder steps) nearly hides this; chunks
 of many frames do not (the latents drift by ~10% in our tests). `encode_audio` therefore gives each
 attention layer a cache of `context + steps per call`: the attention mask still limits every query to
-`context` steps, so chunked streaming computes exactly what one-shot `mimi.encode` computes.
+`context` steps, so chunked streaming computes what one-shot `mimi.encode` computes (up to rounding).
 """
 import hashlib
 import json
@@ -34,6 +37,7 @@ from .hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CHUNK_FRAMES = 250  # frames per streaming Mimi call when encoding a chapter
 _CACHE_FORMAT = 2  # bump when the stored layout or the encoding procedure changes (2: codes checksum)
 
 
@@ -87,12 +91,13 @@ def _widen_kv_caches(model: torch.nn.Module, extra_steps: int) -> None:
 
 
 @torch.no_grad()
-def encode_audio(mimi: MimiModel, wav: np.ndarray, chunk_frames: int = 250,
+def encode_audio(mimi: MimiModel, wav: np.ndarray, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
                  num_codebooks: int | None = None) -> torch.Tensor:
     """Mimi codes `[n_q, T]` int64 on CPU of `wav` `[S]` float32 mono at `mimi.sample_rate`.
 
     T = ceil(S / frame_size): the last frame is zero padded. Streaming Mimi, `chunk_frames` frames per
-    call; equal to one-shot `mimi.encode(wav[None, None])`. `mimi` must not be streaming already.
+    call; equal to one-shot `mimi.encode(wav[None, None])` up to float rounding (which can flip a nearly tied
+    residual-quantizer code). `mimi` must not be streaming already.
 
     Args:
         num_codebooks: when given, raise ValueError unless `mimi.num_codebooks` equals it (the LM expects
@@ -130,7 +135,7 @@ def encode_audio(mimi: MimiModel, wav: np.ndarray, chunk_frames: int = 250,
     return codes
 
 
-def silence_codes(mimi: MimiModel, frames: int, chunk_frames: int = 250) -> torch.Tensor:
+def silence_codes(mimi: MimiModel, frames: int, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> torch.Tensor:
     """Mimi codes `[n_q, frames]` int64 of `frames` frames of digital silence (zeros) from a fresh state.
 
     The first frames differ from the steady state (causal convolutions warming up), like the start of a
@@ -177,14 +182,15 @@ class CodeCache:
         self._hashes[path] = (stamp, digest)
         return digest
 
-    def entry_path(self, audio_path: Path) -> Path:
-        """Where the codes of `audio_path` are (or would be) stored."""
-        key = hashlib.sha256(f"{self._content_hash(audio_path)}|{self.codec_id}".encode()).hexdigest()
+    def entry_path(self, audio_path: Path, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> Path:
+        """Where the codes of `audio_path`, encoded `chunk_frames` frames per call, are (or would be) stored."""
+        key = f"{self._content_hash(audio_path)}|{self.codec_id}|chunk_frames={chunk_frames}"
+        key = hashlib.sha256(key.encode()).hexdigest()
         return self.root / self.codec_id[:16] / f"{key}.pt"
 
-    def get(self, audio_path: Path) -> torch.Tensor | None:
-        """The cached codes `[n_q, T]` int64 of `audio_path`, or None (a miss)."""
-        entry = self.entry_path(audio_path)
+    def get(self, audio_path: Path, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> torch.Tensor | None:
+        """The cached codes `[n_q, T]` int64 of `audio_path` (encoded in chunks of `chunk_frames`), or None."""
+        entry = self.entry_path(audio_path, chunk_frames)
         if not entry.is_file():
             self.misses += 1
             return None
@@ -206,14 +212,14 @@ class CodeCache:
         self.hits += 1
         return codes
 
-    def put(self, audio_path: Path, codes: torch.Tensor) -> None:
-        """Store `codes` `[n_q, T]` int64 for `audio_path`, atomically."""
+    def put(self, audio_path: Path, codes: torch.Tensor, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> None:
+        """Store `codes` `[n_q, T]` int64 for `audio_path` (encoded in chunks of `chunk_frames`), atomically."""
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype != torch.int64:
             raise ValueError(f"codes: expected an int64 tensor [n_q, T], got "
                              f"{getattr(codes, 'dtype', type(codes))} {tuple(getattr(codes, 'shape', ()))}")
         if self.disabled:
             return
-        entry = self.entry_path(audio_path)
+        entry = self.entry_path(audio_path, chunk_frames)
         codes = codes.detach().to("cpu").contiguous()
         payload = {"codes": codes, "codes_sha256": _codes_sha256(codes), "codec_id": self.codec_id,
                    "source": os.fsdecode(audio_path), "content_sha256": self._content_hash(audio_path),
@@ -231,7 +237,8 @@ def _codes_sha256(codes: torch.Tensor) -> str:
     return hashlib.sha256(codes.contiguous().numpy().tobytes()).hexdigest()
 
 
-def encode_book(mimi: MimiModel, book: Book, cache: CodeCache | None = None, chunk_frames: int = 250,
+def encode_book(mimi: MimiModel, book: Book, cache: CodeCache | None = None,
+                chunk_frames: int = DEFAULT_CHUNK_FRAMES,
                 num_codebooks: int | None = None,
                 on_chapter: tp.Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Codes `[n_q, T]` int64 of a book: each chapter read at `mimi.sample_rate`, encoded from a fresh
@@ -247,14 +254,14 @@ def encode_book(mimi: MimiModel, book: Book, cache: CodeCache | None = None, chu
         raise ValueError(f"book: {book.speaker}/{book.book} has no chapters")
     parts: list[torch.Tensor] = []
     for index, chapter in enumerate(book.chapters):
-        codes = cache.get(chapter.path) if cache is not None else None
+        codes = cache.get(chapter.path, chunk_frames) if cache is not None else None
         if codes is not None and codes.shape[0] != mimi.num_codebooks:
             codes = None  # codec_id covers num_codebooks; this is only a guard against a foreign cache
         if codes is None:
             wav = read_audio(chapter.path, mimi.sample_rate)
             codes = encode_audio(mimi, wav, chunk_frames)
             if cache is not None:
-                cache.put(chapter.path, codes)
+                cache.put(chapter.path, codes, chunk_frames)
         parts.append(codes)
         if on_chapter is not None:
             on_chapter(index, codes)

@@ -4,8 +4,12 @@
 with the text and depth-transformer audio logits they came from, taken from the very streaming state
 (KV cache, Test-Time-Training weights) the model is in.
 """
-from .lm import LMGen, StepLogits
+from .compat import SUPPORTED_MOSHI, check_moshi_version
 
-__version__ = "0.1.0"
+check_moshi_version("moshi_patch", SUPPORTED_MOSHI)
 
-__all__ = ["LMGen", "StepLogits", "__version__"]
+from .lm import ChunkStats, LMGen, StepLogits  # noqa: E402
+
+__version__ = "0.2.0.dev0"
+
+__all__ = ["ChunkStats", "LMGen", "StepLogits", "__version__"]

@@ -174,3 +174,16 @@ def test_encode_book_names_the_bad_chapter(mimi, library):
     with pytest.raises(AudioReadError) as info:
         encode_book(mimi, book)
     assert info.value.path == bad and str(bad) in str(info.value)
+
+
+def test_cache_key_includes_the_encoding_chunk_length(mimi, library, tmp_path):
+    """Codes encoded in chunks of another length may differ (a nearly tied code can flip): never reused."""
+    book = discover_books(library)[0]
+    cache = CodeCache(tmp_path / "cache", codec_identity(mimi))
+    encode_book(mimi, book, cache, chunk_frames=250)
+    path = book.chapters[0].path
+    assert cache.entry_path(path, 250) != cache.entry_path(path, 5)
+    cache = CodeCache(tmp_path / "cache", codec_identity(mimi))
+    encode_book(mimi, book, cache, chunk_frames=5)
+    assert (cache.hits, cache.misses) == (0, 3)
+    assert cache.get(path, 250) is not None and cache.get(path, 5) is not None
