@@ -7,6 +7,7 @@ Subcommands:
 - `demo --out DIR`: the same job on the embedded defaults (a small seeded model and codec, a short shipped
   audiobook): no download, well under a minute on a CPU.
 - `check-streaming`: streaming logits against `LMModel.forward` (moshi_eval.check).
+- `compare RUN_DIR RUN_DIR ... --out DIR`: paired comparison of finished runs (moshi_eval.compare).
 
 No finished work is lost: each book's results are written as soon as it is scored; rerunning the same
 command with the same `--out` skips finished books, and Ctrl-C / SIGTERM prints the command to resume.
@@ -18,7 +19,9 @@ import sys
 import typing as tp
 
 from . import check as check_module
+from . import compare as compare_module
 from . import report
+from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .hashing import FileHasher
@@ -36,14 +39,20 @@ def default_cache_dir() -> Path:
     return Path(base) / "moshi_eval" / "codes"
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+def _int_at_least(minimum: int, what: str) -> tp.Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return n
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _positive_float(value: str) -> float:
@@ -92,6 +101,7 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
                         help=f"half width in frames of the window mean around each report frame (default {window})")
     parser.add_argument("--bucket", type=_positive_int, default=bucket,
                         help=f"frames per bucket of the bucket means (default {bucket})")
+    _add_report_arguments(parser)
     parser.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK,
                         help=f"frames per streaming call (default {DEFAULT_CHUNK}): the temporal transformer "
                              "runs over a chunk at once, with the same per-frame losses; 1 = one step per frame")
@@ -104,6 +114,14 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
     parser.add_argument("--threads", type=_positive_int, default=threads,
                         help="torch CPU threads (torch.set_num_threads; default: "
                              f"{threads or 'torch default'}). Small models on a CPU run fastest on 1 thread")
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", type=_non_negative_int, default=DEFAULT_RESAMPLES,
+                        help=f"bootstrap resamples of the books for the intervals (default {DEFAULT_RESAMPLES}; "
+                             "0: no interval)")
+    parser.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED, help="seed of the bootstrap resamples")
+    parser.add_argument("--log-x", action="store_true", help="logarithmic time axis in the plots")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring_arguments(demo, (125, 250, 500), 25, 100, batch_size=2, threads=1)
     demo.add_argument("--seed", type=int, default=0, help="seed of the demo model and codec")
     demo.set_defaults(func=run_demo)
+
+    compare = subparsers.add_parser(
+        "compare", help="paired comparison of finished runs on the books they share",
+        description=compare_module.__doc__.split("\n\n")[1].replace("\n", " "))
+    compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="--out folders of finished runs")
+    compare.add_argument("--out", required=True, type=Path, help="folder for compare.json, .md, .csv, .png")
+    compare.add_argument("--names", default=None, help="comma-separated names of the runs (default: folder names)")
+    compare.add_argument("--reference", default=None, help="run the others are compared to (default: the first)")
+    compare.add_argument("--report-at", type=_frame_list, default=DEFAULT_REPORT_AT,
+                         help="report positions in frames (default " + ",".join(map(str, DEFAULT_REPORT_AT)) + ")")
+    compare.add_argument("--report-window", type=_positive_int, default=DEFAULT_HALF_WINDOW,
+                         help=f"half width of the window means (default {DEFAULT_HALF_WINDOW})")
+    compare.add_argument("--bucket", type=_positive_int, default=DEFAULT_BUCKET,
+                         help=f"frames per bucket in the plot (default {DEFAULT_BUCKET})")
+    _add_report_arguments(compare)
+    compare.set_defaults(func=run_compare)
 
     check_module.add_parser(subparsers)
     return parser
@@ -203,6 +237,26 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_eval(job)
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    if len(args.runs) < 2:
+        raise UsageError(f"compare needs at least 2 run folders, got {len(args.runs)}.")
+    names = args.names.split(",") if args.names else [p.resolve().name for p in args.runs]
+    if len(names) != len(args.runs) or len(set(names)) != len(names):
+        raise UsageError(f"--names: expected {len(args.runs)} distinct names, got {names}.")
+    if args.bootstrap < 1:
+        raise UsageError("compare needs --bootstrap >= 1: its intervals are what it reports.")
+    runs = [compare_module.load_run(path, name) for path, name in zip(args.runs, names)]
+    result = compare_module.compare(runs, args.reference or names[0], args.report_at, args.report_window,
+                                    args.bucket, args.bootstrap, args.bootstrap_seed)
+    paths = compare_module.write(args.out, runs, result, args.log_x)
+    left_out = {name: len(ids) for name, ids in result["left_out"].items() if ids}
+    print(f"moshi-eval compare: {len(result['shared_books'])} shared books"
+          + (f" (left out, not in every run: {left_out})" if left_out else "") + "\n")
+    print(compare_module.markdown_table(result))
+    print("written: " + ", ".join(map(str, paths)))
+    return 0
+
+
 def main(argv: tp.Sequence[str] | None = None) -> int:
     """Entry point of the `moshi-eval` console script. Returns (and, as a script, exits with) the code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -212,7 +266,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, CheckpointError, report.ReportError, UsageError, NonFiniteLossError,
-            OutputBusyError) as exc:
+            OutputBusyError, compare_module.CompareError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

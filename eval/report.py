@@ -52,6 +52,10 @@ def _write_atomic(path: Path, write: tp.Callable[[tp.BinaryIO], None]) -> None:
                           "free space or fix the permissions and rerun the same command to resume.") from exc
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    _write_atomic(Path(path), lambda f: f.write(data))
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
 
@@ -225,11 +229,15 @@ def smoothing_window(num_frames: int) -> int:
 
 
 def plot_curve(path: str | Path, sequences: dict[str, np.ndarray], frame_rate: float,
-               context: int | None, title: str = "", ylabel: str = "audio cross-entropy (nats)") -> None:
+               context: int | None, title: str = "", ylabel: str = "audio cross-entropy (nats)",
+               band: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+               log_x: bool = False) -> None:
     """`curve.png`: loss `[T_i]` of each book and the mean, against minutes of context (matplotlib Agg).
 
     A vertical line marks the model's attention context (`context` frames): to its right, the KV cache no
-    longer holds the start of the book, so only recurrent state can carry it.
+    longer holds the start of the book, so only recurrent state can carry it. `band`: bucket centres (frames),
+    bucket means and the 95% bootstrap interval over books (`bootstrap.bucket_band`), drawn around the mean.
+    `log_x`: a logarithmic time axis, for curves over hours.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -251,6 +259,12 @@ def plot_curve(path: str | Path, sequences: dict[str, np.ndarray], frame_rate: f
         x = np.arange(T)[reached] / frame_rate / 60
         ax.plot(x, _moving_average(curve.mean[reached], window), color="black", lw=2.0,
                 label=f"mean over books ({len(sequences)})")
+        if band is not None and np.isfinite(band[2]).any():
+            centres, _, low, high = band
+            ax.fill_between(centres / frame_rate / 60, low, high, color="black", alpha=0.2,
+                            label="95% bootstrap band over books (bucket means)")
+        if log_x:
+            ax.set_xscale("log")
         if context is not None:
             minutes = context / frame_rate / 60
             ax.axvline(minutes, color="red", ls="--", lw=1.2)
@@ -261,7 +275,7 @@ def plot_curve(path: str | Path, sequences: dict[str, np.ndarray], frame_rate: f
         ax.set_ylabel(ylabel + smooth)
         ax.set_title(title or "per-frame loss against context")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="best")
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", bbox_inches="tight")
     finally:

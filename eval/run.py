@@ -36,6 +36,7 @@ from .codes import CodeCache, codec_identity, encode_book, silence_codes
 from .data import AudioReadError, Book, DataError
 from .hashing import FileHasher
 from .lock import OutputLock
+from .bootstrap import bootstrap_summary, bucket_band
 from .metrics import summarize
 from .scoring import score_sequences
 
@@ -322,8 +323,15 @@ def chunk_summary(lm_gen: LMGen) -> dict:
 
 
 def _metrics(sequences: dict[str, dict[str, np.ndarray]], args: argparse.Namespace) -> dict:
+    """`metrics.summarize` of each loss, with bootstrap intervals over books unless `--bootstrap 0`."""
     def summary(values: list[np.ndarray]) -> dict:
-        return summarize(values, args.report_at, args.report_window, args.bucket).to_dict()
+        result = summarize(values, args.report_at, args.report_window, args.bucket).to_dict()
+        if args.bootstrap > 0:
+            result["bootstrap"] = bootstrap_summary(values, args.report_at, args.report_window, args.bucket,
+                                                    args.bootstrap, args.bootstrap_seed)
+        else:
+            result["bootstrap"] = {"absent_reason": "--bootstrap 0"}
+        return result
 
     metrics: dict[str, tp.Any] = {name: summary([s[name] for s in sequences.values()])
                                   for name in ("audio_ce", "audio_ce_weighted")}
@@ -367,7 +375,8 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, lm_gen: LMGen, finished
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": dict(scoring_config(job), batch_size=args.batch_size, num_books=args.num_books,
                        min_frames=args.min_frames, report_at=list(args.report_at),
-                       report_window=args.report_window, bucket=args.bucket, strict=args.strict),
+                       report_window=args.report_window, bucket=args.bucket, strict=args.strict,
+                       bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed),
         "versions": versions(),
         "model": dict(ckpt.identity, n_q=lm_model.n_q, dep_q=lm_model.dep_q, card=lm_model.card,
                       text_card=lm_model.text_card, delays=list(lm_model.delays), context=lm_model.context,
@@ -383,8 +392,10 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, lm_gen: LMGen, finished
     }
     report.write_json_atomic(out / report.RESULTS_JSON, results)
     report.write_curve_csv(out / report.CURVE_CSV, sequences, frame_rate)
+    values = [s["audio_ce"] for s in sequences.values()]
+    band = bucket_band(values, args.bucket, args.bootstrap, args.bootstrap_seed) if args.bootstrap > 0 else None
     report.plot_curve(out / report.CURVE_PNG, {sid: s["audio_ce"] for sid, s in sequences.items()},
-                      frame_rate, lm_model.context,
+                      frame_rate, lm_model.context, band=band, log_x=args.log_x,
                       title=f"audio CE of {len(sequences)} book(s), text={args.text}, user={args.user_stream}")
     rate = f"{scored / seconds:.1f} frames/s" if scored else "nothing left to score"
     print(f"moshi-eval: {len(sequences)} book(s), {scored} frames scored in {seconds:.1f} s "
