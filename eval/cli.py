@@ -23,12 +23,13 @@ from . import compare as compare_module
 from . import report
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
+from .distributed import from_environment, rank_device
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .hashing import FileHasher
 from .lock import OutputBusyError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
-from .run import EXIT_INTERRUPTED, EvalJob, UsageError, run_eval
+from .run import EXIT_INTERRUPTED, MIMI_FRAME_RATE, EvalJob, UsageError, run_eval
 from .scoring import DEFAULT_CHUNK, NonFiniteLossError, TEXT_MODES, USER_STREAMS
 
 EXIT_ERROR = 1
@@ -168,10 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Mimi's frame rate, to turn --min-frames into seconds before anything is encoded.
-MIMI_FRAME_RATE = 12.5
-
-
 def select_librilight_books(args: argparse.Namespace) -> list[Book]:
     """The first `--num-books` books (cut to `--max-chapters`) that can reach `--min-frames`.
 
@@ -209,6 +206,7 @@ def _hasher(args: argparse.Namespace) -> FileHasher:
 
 def run_librilight(args: argparse.Namespace) -> int:
     args.cache_dir = args.cache_dir or default_cache_dir()
+    args.device = rank_device(args.device, from_environment())   # cuda:LOCAL_RANK under torchrun
     hasher = _hasher(args)
     resolved = resolve_checkpoint(args, hasher)
     job = EvalJob(argv=args.argv, out=args.out, audio_dir=args.audio_dir,

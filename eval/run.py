@@ -12,8 +12,10 @@ No result is lost or mixed:
   print the command that resumes.
 """
 import argparse
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 import datetime
+import math
 import os
 from pathlib import Path
 import platform
@@ -30,10 +32,10 @@ from tqdm import tqdm
 
 from moshi_patch import LMGen
 
-from . import report
+from . import distributed, report
 from .checkpoint import LoadedCheckpoint, check_codec_fits
 from .codes import CodeCache, codec_identity, encode_book, silence_codes
-from .data import AudioReadError, Book, DataError
+from .data import AudioReadError, Book, DataError, book_seconds
 from .hashing import FileHasher
 from .lock import OutputLock
 from .bootstrap import bootstrap_summary, bucket_band
@@ -44,6 +46,7 @@ from .scoring import score_sequences
 # attends over 250 steps at 25 Hz (10 s = 125 frames): once the warm-up frames are out of that window its
 # input, hence its codes, are constant.
 SILENCE_FRAMES = 160
+MIMI_FRAME_RATE = 12.5   # frames per second, to estimate a book's frames from its file headers
 EXIT_INTERRUPTED = 130
 
 
@@ -116,8 +119,9 @@ def _raise_interrupt(signum: int, frame: tp.Any) -> None:
 def run_eval(job: EvalJob) -> int:
     """Encode, score, write and aggregate. Returns the exit code.
 
-    SIGTERM is turned into KeyboardInterrupt; either stops the run between two streaming calls, leaving
-    every finished book's file intact, and prints the command that resumes it.
+    Under torchrun the ranks share the batches and rank 0 writes the results (`distributed`). SIGTERM is
+    turned into KeyboardInterrupt; either stops the run between two streaming calls, leaving every
+    finished book's file intact, and prints the command that resumes it.
     """
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -125,20 +129,39 @@ def run_eval(job: EvalJob) -> int:
     threads = torch.get_num_threads()
     if job.args.threads is not None:
         torch.set_num_threads(job.args.threads)
+    ranks = distributed.from_environment()
     try:
         _check_usage(job)
-        with OutputLock(job.out, command_line(job.argv)):
-            return _run_locked(job)
+        with ExitStack() as stack:
+            resumed = _open_output(job, ranks, stack)
+            return _run(job, ranks, resumed)
     except KeyboardInterrupt:
         seq_dir = job.out / report.SEQUENCES_DIR
         n = len(list(seq_dir.glob("*.npz"))) if seq_dir.is_dir() else 0
-        print(f"\nmoshi-eval: interrupted. {n} finished book(s) are saved in {seq_dir}. "
+        print(f"\nmoshi-eval: {ranks.tag}interrupted. {n} finished book(s) are saved in {seq_dir}. "
               f"Resume with the same command:\n  {command_line(job.argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        ranks.close()
         torch.set_num_threads(threads)     # main() may be called in-process (tests, notebooks)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _open_output(job: EvalJob, ranks: distributed.Ranks, stack: ExitStack) -> bool:
+    """Rank 0 locks `--out` (for the whole run) and checks its configuration; every rank learns the outcome
+    (an error stops them all with the same message). Returns True for a resumed run."""
+    outcome: tuple[bool, BaseException | None] = (False, None)
+    if ranks.is_main:
+        try:
+            stack.enter_context(OutputLock(job.out, command_line(job.argv)))
+            outcome = (report.check_or_write_config(job.out, scoring_config(job)), None)
+        except Exception as exc:
+            outcome = (False, exc)
+    resumed, error = ranks.broadcast(outcome)
+    if error is not None:
+        raise error
+    return resumed
 
 
 def _check_usage(job: EvalJob) -> None:
@@ -159,41 +182,53 @@ class _Book:
     """A selected book on its way through the run."""
     book: Book
     sequence_id: str
+    estimate: int = 0                         # frames it will be scored on, from the file headers
     chapters: list[dict] | None = None        # identity of its chapter files, None if one is unreadable
     codes: torch.Tensor | None = None         # [8, T] once encoded
     finished: dict[str, np.ndarray] | None = None   # its arrays, once scored (in this run or before)
-    frames: int | None = None                 # frames it is scored on (after --max-frames)
     scored_now: bool = False                  # scored (and written) by this run
 
 
-def _run_locked(job: EvalJob) -> int:
-    args, out = job.args, job.out
+@dataclass
+class _RankReport:
+    """What one rank did, sent to rank 0 for results.json."""
+    skipped: list[dict]
+    scored: list[str]                         # books this rank scored in this run
+    frames: int
+    encode_seconds: float
+    score_seconds: float
+    chunks: dict
+    cache: dict | None
+
+
+def _run(job: EvalJob, ranks: distributed.Ranks, resumed: bool) -> int:
+    args = job.args
     start_time = time.perf_counter()
-    resumed = report.check_or_write_config(out, scoring_config(job))
     books = [_Book(b, b.sequence_id) for b in job.select()]
     _check_unique_ids(books, job.audio_dir)
+    batches = _batches(books, args)
+    owners = distributed.assign([max(b.estimate for b in batch) * len(batch) for batch in batches], ranks.world)
+    mine = [batch for batch, owner in zip(batches, owners) if owner == ranks.rank]
     ckpt = job.load()
-    lm_model, mimi = ckpt.lm_model, ckpt.mimi
-    check_codec_fits(lm_model, mimi)
-    _resume(books, job, resumed)
-    cache = None if args.no_cache else CodeCache(args.cache_dir, codec_identity(mimi))
+    check_codec_fits(ckpt.lm_model, ckpt.mimi)
+    _resume([b for batch in mine for b in batch], job, resumed, ranks)
+    todo = [batch for batch in mine if any(b.finished is None for b in batch)]
+    cache = None if args.no_cache else CodeCache(args.cache_dir, codec_identity(ckpt.mimi))
     skipped: list[dict] = []
     encode_start = time.perf_counter()
-    _encode(books, [b for b in books if b.finished is None], mimi, lm_model.dep_q, cache, args, skipped)
-    books = _length_filter(books, args, skipped, job.audio_dir)
-    batches = _batches(books, args.batch_size)
-    todo = [batch for batch in batches if any(b.finished is None for b in batch)]
-    _encode(books, [b for batch in todo for b in batch if b.codes is None], mimi, lm_model.dep_q, cache, args,
-            skipped)
+    todo = _encode(todo, ckpt, cache, args, skipped, ranks)
     encode_seconds = time.perf_counter() - encode_start
-    lm_gen = LMGen(lm_model, use_sampling=False)
+    lm_gen = LMGen(ckpt.lm_model, use_sampling=False)
     score_start = time.perf_counter()
-    scored_frames = _score(todo, lm_gen, mimi, job)
-    score_seconds = time.perf_counter() - score_start
-    finished = [b for b in books if b.finished is not None]
-    timing = {"start": start_time, "encode_seconds": encode_seconds, "score_seconds": score_seconds,
-              "scored_frames": scored_frames}
-    _write_results(job, ckpt, lm_gen, finished, skipped, cache, timing)
+    frames = _score(todo, lm_gen, ckpt.mimi, job, ranks)
+    mine_report = _RankReport(
+        skipped, [b.sequence_id for batch in todo for b in batch if b.scored_now], frames, encode_seconds,
+        time.perf_counter() - score_start, chunk_summary(lm_gen),
+        None if cache is None else {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses})
+    reports = ranks.gather(mine_report)
+    if ranks.is_main:
+        _write_results(job, ckpt, books, reports, start_time)
+    ranks.barrier()
     return 0
 
 
@@ -211,89 +246,90 @@ def _chapter_identity(book: Book, hasher: FileHasher) -> list[dict] | None:
         return None
 
 
-def _resume(books: list[_Book], job: EvalJob, resumed: bool) -> None:
+def _load_finished(b: _Book, job: EvalJob) -> bool:
+    """Whether `--out` holds this book scored from the very chapters it has now (then kept in `b`)."""
+    b.chapters = _chapter_identity(b.book, job.hasher)
+    path = report.sequence_path(job.out, b.sequence_id)
+    if not path.is_file():
+        return False
+    arrays, meta = report.read_sequence(path, with_meta=True)
+    if b.chapters is None or meta.get("chapters") != b.chapters:
+        return False
+    b.finished = arrays
+    return True
+
+
+def _resume(books: list[_Book], job: EvalJob, resumed: bool, ranks: distributed.Ranks) -> None:
     """Mark the books already scored in `--out` as finished, unless their chapters changed since."""
-    rescored = []
-    for b in books:
-        b.chapters = _chapter_identity(b.book, job.hasher)
-        path = report.sequence_path(job.out, b.sequence_id)
-        if not path.is_file():
-            continue
-        arrays, meta = report.read_sequence(path, with_meta=True)
-        if b.chapters is not None and meta.get("chapters") == b.chapters:
-            b.finished = arrays
-        else:
-            rescored.append(b.sequence_id)
+    rescored = [b.sequence_id for b in books
+                if not _load_finished(b, job) and report.sequence_path(job.out, b.sequence_id).is_file()]
     done = sum(b.finished is not None for b in books)
     if resumed and done:
-        print(f"moshi-eval: resuming in {job.out}: {done} of {len(books)} books already scored.", file=sys.stderr)
+        print(f"moshi-eval: {ranks.tag}resuming in {job.out}: {done} of {len(books)} books already scored.",
+              file=sys.stderr)
     for sid in rescored:
-        print(f"moshi-eval: {sid}: its chapters changed since it was scored (added, removed or replaced "
-              "files): scoring it again.", file=sys.stderr)
+        print(f"moshi-eval: {ranks.tag}{sid}: its chapters changed since it was scored (added, removed or "
+              "replaced files): scoring it again.", file=sys.stderr)
 
 
-def _encode(books: list[_Book], which: list[_Book], mimi: tp.Any, num_codebooks: int, cache: CodeCache | None,
-            args: argparse.Namespace, skipped: list[dict]) -> None:
-    """Mimi codes of `which` (cached on disk by content and codec); unreadable books go to `skipped`."""
-    progress = not args.no_progress
-    with tqdm(total=sum(len(b.book.chapters) for b in which), unit="chapter", desc="encoding",
-              disable=not progress or not which, dynamic_ncols=True) as bar:
-        for b in which:
+def _encode(batches: list[list[_Book]], ckpt: LoadedCheckpoint, cache: CodeCache | None,
+            args: argparse.Namespace, skipped: list[dict], ranks: distributed.Ranks) -> list[list[_Book]]:
+    """Mimi codes of the books of `batches` (cached on disk by content and codec). Unreadable books and books
+    shorter than --min-frames go to `skipped` and leave their batch. Returns the batches left."""
+    books = [b for batch in batches for b in batch]
+    kept: set[int] = set()
+    with tqdm(total=sum(len(b.book.chapters) for b in books), unit="chapter", desc=f"{ranks.tag}encoding",
+              disable=args.no_progress or not books or not ranks.is_main, dynamic_ncols=True) as bar:
+        for b in books:
             try:
-                b.codes = encode_book(mimi, b.book, cache, num_codebooks=num_codebooks,
+                b.codes = encode_book(ckpt.mimi, b.book, cache, num_codebooks=ckpt.lm_model.dep_q,
                                       on_chapter=lambda i, c: bar.update(1))
             except AudioReadError as exc:
                 if args.strict:
                     raise
-                tqdm.write(f"moshi-eval: skipping book {b.sequence_id}: {exc}", file=sys.stderr)
+                tqdm.write(f"moshi-eval: {ranks.tag}skipping book {b.sequence_id}: {exc}", file=sys.stderr)
                 skipped.append(dict(book_entry(b.book, b.sequence_id), reason=str(exc), path=os.fsdecode(exc.path)))
-                books.remove(b)
                 continue
-            b.frames = min(b.codes.shape[-1], args.max_frames or b.codes.shape[-1])
+            length = int(b.codes.shape[-1])
+            if args.min_frames is not None and length < args.min_frames:
+                skipped.append(dict(book_entry(b.book, b.sequence_id), frames=length,
+                                    reason=f"shorter than --min-frames {args.min_frames}: {length} frames"))
+                continue
+            kept.add(id(b))
+    return [left for left in ([b for b in batch if id(b) in kept] for batch in batches) if left]
 
 
-def _length_filter(books: list[_Book], args: argparse.Namespace, skipped: list[dict], audio_dir: Path) -> list[_Book]:
-    """Books long enough for --min-frames (finished ones by their saved length)."""
-    for b in books:
-        if b.finished is not None:
-            b.frames = int(b.finished["audio_ce"].shape[0])
-    kept = []
-    for b in books:
-        length = b.frames if b.codes is None else int(b.codes.shape[-1])
-        assert length is not None
-        if args.min_frames is not None and length < args.min_frames:
-            skipped.append(dict(book_entry(b.book, b.sequence_id), frames=length,
-                                reason=f"shorter than --min-frames {args.min_frames}: {length} frames"))
-        else:
-            kept.append(b)
-    if not kept:
-        if skipped and all("min-frames" in s["reason"] for s in skipped):
-            longest = max(s["frames"] for s in skipped)
-            raise DataError(f"every book is shorter than --min-frames {args.min_frames} frames "
-                            f"(longest: {longest} frames) under {audio_dir}.")
-        reasons = "; ".join(f"{s['sequence_id']}: {s['reason']}" for s in skipped[:5])
-        raise DataError(f"no book could be scored under {audio_dir} ({reasons}).")
-    return kept
+def _estimated_frames(book: Book, max_frames: int | None) -> int:
+    """Frames a book will be scored on, from its file headers (0 if a header cannot be read)."""
+    try:
+        frames = math.ceil(book_seconds(book) * MIMI_FRAME_RATE)
+    except AudioReadError:
+        frames = 0
+    return min(frames, max_frames) if max_frames else frames
 
 
-def _batches(books: list[_Book], batch_size: int) -> list[list[_Book]]:
+def _batches(books: list[_Book], args: argparse.Namespace) -> list[list[_Book]]:
     """Batches of books of similar length (few frames streamed past the shorter ones), formed over the whole
-    selection, finished books included: a resumed run scores each book in the batch it always had."""
-    order = sorted(books, key=lambda b: b.frames or 0)   # stable: ties keep the selection order
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    selection from the file headers, finished books included: a book is scored in the same batch whether
+    the run is resumed or not, and whatever the number of processes, so its numbers are bitwise the same."""
+    for b in books:
+        b.estimate = _estimated_frames(b.book, args.max_frames)
+    order = sorted(books, key=lambda b: b.estimate)   # stable: ties keep the selection order
+    return [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
 
 
-def _score(batches: list[list[_Book]], lm_gen: LMGen, mimi: tp.Any, job: EvalJob) -> int:
+def _score(batches: list[list[_Book]], lm_gen: LMGen, mimi: tp.Any, job: EvalJob, ranks: distributed.Ranks) -> int:
     """Scores each batch; writes its books not finished yet. Returns the frames written."""
     args, out = job.args, job.out
     lm_model = lm_gen.lm_model
     silence = None
     if args.user_stream == "silence":
         silence = silence_codes(mimi, SILENCE_FRAMES)[: lm_model.n_q - lm_model.dep_q]
-    total = sum(b.frames or 0 for batch in batches for b in batch if b.finished is None)
+    total = sum(min(b.codes.shape[-1], args.max_frames or b.codes.shape[-1])
+                for batch in batches for b in batch if b.finished is None and b.codes is not None)
     written = 0
-    with tqdm(total=total, unit="frame", desc="scoring", disable=args.no_progress or not total,
-              dynamic_ncols=True, smoothing=0.05) as bar:
+    with tqdm(total=total, unit="frame", desc=f"{ranks.tag}scoring", dynamic_ncols=True, smoothing=0.05,
+              disable=args.no_progress or not total or not ranks.is_main) as bar:
         for batch in batches:
             results = score_sequences(
                 lm_gen, [b.codes for b in batch], sequence_ids=[b.sequence_id for b in batch],
@@ -309,9 +345,19 @@ def _score(batches: list[list[_Book]], lm_gen: LMGen, mimi: tp.Any, job: EvalJob
                 b.finished = result.arrays()
                 b.scored_now = True
                 written += result.num_frames
-                tqdm.write(f"moshi-eval: {b.sequence_id}: {result.num_frames} frames, mean audio_ce "
+                tqdm.write(f"moshi-eval: {ranks.tag}{b.sequence_id}: {result.num_frames} frames, mean audio_ce "
                            f"{np.nanmean(result.audio_ce):.4f} -> {path}", file=sys.stderr)
     return written
+
+
+def _sum_chunks(summaries: list[dict]) -> dict:
+    """The chunk counts of every rank, summed, with the ratios recomputed."""
+    keys = ("chunked_calls", "frames", "passes", "text_guesses", "text_guesses_accepted")
+    total = {k: sum(s[k] for s in summaries) for k in keys}
+    total["passes_per_chunk"] = total["passes"] / total["chunked_calls"] if total["chunked_calls"] else None
+    total["text_guess_accepted_share"] = (total["text_guesses_accepted"] / total["text_guesses"]
+                                          if total["text_guesses"] else None)
+    return total
 
 
 def chunk_summary(lm_gen: LMGen) -> dict:
@@ -340,12 +386,24 @@ def _metrics(sequences: dict[str, dict[str, np.ndarray]], args: argparse.Namespa
     return metrics
 
 
-def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, lm_gen: LMGen, finished: list[_Book],
-                   skipped: list[dict], cache: CodeCache | None, timing: dict) -> None:
+def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], reports: list[_RankReport],
+                   start_time: float) -> None:
     """`results.json`, `curve.csv` and `curve.png`, rebuilt from every finished book of the selection."""
     args, out = job.args, job.out
     lm_model, mimi = ckpt.lm_model, ckpt.mimi
     frame_rate = float(mimi.frame_rate)
+    skipped = [entry for r in reports for entry in r.skipped]
+    skipped_ids = {entry["sequence_id"] for entry in skipped}
+    scored_now = {sid for r in reports for sid in r.scored}
+    finished = [b for b in books if b.sequence_id not in skipped_ids and (b.finished is not None
+                                                                          or _load_finished(b, job))]
+    if not finished:
+        if skipped and all("min-frames" in s["reason"] for s in skipped):
+            longest = max(s["frames"] for s in skipped)
+            raise DataError(f"every book is shorter than --min-frames {args.min_frames} frames "
+                            f"(longest: {longest} frames) under {job.audio_dir}.")
+        reasons = "; ".join(f"{s['sequence_id']}: {s['reason']}" for s in skipped[:5])
+        raise DataError(f"no book could be scored under {job.audio_dir} ({reasons}).")
     sequences = {b.sequence_id: tp.cast(dict, b.finished) for b in finished}
     books_meta = []
     for b in finished:
@@ -356,19 +414,24 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, lm_gen: LMGen, finished
             audio_ce_mean=float(np.nanmean(s["audio_ce"])),
             audio_ce_weighted_mean=float(np.nanmean(s["audio_ce_weighted"])),
             file=str(report.sequence_path(out, b.sequence_id).relative_to(out))))
+    timing = {"scored_frames": sum(r.frames for r in reports),
+              "score_seconds": max(r.score_seconds for r in reports),
+              "encode_seconds": max(r.encode_seconds for r in reports)}
     scored, seconds = timing["scored_frames"], timing["score_seconds"]
-    total_seconds = time.perf_counter() - timing["start"]
+    total_seconds = time.perf_counter() - start_time
+    caches = [r.cache for r in reports if r.cache is not None]
     runtime = {
         "frames": scored, "seconds": seconds,
         "frames_per_s": scored / seconds if scored else None,
         "frames_per_s_note": None if scored else "nothing scored in this run (all books were finished)",
         "encode_seconds": timing["encode_seconds"], "total_seconds": total_seconds,
-        "books_scored_this_run": sum(b.scored_now for b in finished),
-        "books_resumed": sum(not b.scored_now for b in finished),
-        "code_cache": None if cache is None else {"dir": str(cache.root), "hits": cache.hits,
-                                                  "misses": cache.misses},
+        "books_scored_this_run": sum(b.sequence_id in scored_now for b in finished),
+        "books_resumed": sum(b.sequence_id not in scored_now for b in finished),
+        "code_cache": None if not caches else {"dir": caches[0]["dir"], "hits": sum(c["hits"] for c in caches),
+                                               "misses": sum(c["misses"] for c in caches)},
         "device": str(lm_model.device),
-        "chunks": chunk_summary(lm_gen),
+        "processes": len(reports),
+        "chunks": _sum_chunks([r.chunks for r in reports]),
     }
     results = {
         "command": command_line(job.argv),

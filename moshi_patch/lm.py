@@ -367,8 +367,14 @@ class LMGen(StepLogitsLMGen):
         super().__init__(*args, **kwargs)
         self.chunk_stats = ChunkStats()
         # Frames checked per pass when text is left to the model: grows while guesses are right, shrinks
-        # when they are not, so a model whose text is hard to guess costs about the one-frame path.
+        # when they are not, so a model whose text is hard to guess costs about the one-frame path. It
+        # starts afresh with each stream: how a stream is cut into passes (hence its float rounding) must
+        # not depend on the streams before it.
         self._text_window: int | None = None
+
+    def _init_streaming_state(self, batch_size: int) -> _upstream._LMGenState:
+        self._text_window = None
+        return super()._init_streaming_state(batch_size)
 
     @torch.no_grad()
     def step_with_logits(self, input_tokens: torch.Tensor,
