@@ -397,6 +397,13 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
     scored_now = {sid for r in reports for sid in r.scored}
     finished = [b for b in books if b.sequence_id not in skipped_ids and (b.finished is not None
                                                                           or _load_finished(b, job))]
+    if args.min_frames is not None:     # Books scored before, in a run with a lower --min-frames.
+        short = [b for b in finished if tp.cast(dict, b.finished)["audio_ce"].shape[0] < args.min_frames]
+        for b in short:
+            frames = int(tp.cast(dict, b.finished)["audio_ce"].shape[0])
+            skipped.append(dict(book_entry(b.book, b.sequence_id), frames=frames,
+                                reason=f"shorter than --min-frames {args.min_frames}: {frames} frames"))
+        finished = [b for b in finished if all(b is not x for x in short)]
     if not finished:
         if skipped and all("min-frames" in s["reason"] for s in skipped):
             longest = max(s["frames"] for s in skipped)

@@ -418,8 +418,8 @@ class LMGen(StepLogitsLMGen):
             forced_tokens = self._check_step_tokens("forced_tokens", forced_tokens, 1 + lm_model.dep_q, B, C)
             self._check_token_range("forced_tokens", forced_tokens, 0)
             state.step_logits.any_forced = True
-        device = lm_model.device
-        plan = self._chunk_plan(input_tokens.to(device), forced_tokens.to(device))
+        forced_tokens = forced_tokens.to(lm_model.device)
+        plan = self._chunk_plan(input_tokens.to(lm_model.device), forced_tokens)
         if reserve_kv_steps(lm_model, C):
             state.graphed_main.reset()   # Its graph reads the replaced caches.
         transformer_out, text_logits = self._chunk_transformer(plan)
@@ -427,7 +427,7 @@ class LMGen(StepLogitsLMGen):
         if lm_model.depformer is not None:
             audio_logits = self._chunk_depformer(plan.written[:, :, -C:], transformer_out)
         out = self._chunk_output(plan, text_logits, audio_logits)
-        self._chunk_commit(plan, forced_tokens.to(device), text_logits, audio_logits)
+        self._chunk_commit(plan, forced_tokens, text_logits, audio_logits)
         self.chunk_stats.calls += 1
         self.chunk_stats.frames += C
         return out

@@ -22,6 +22,7 @@ from moshi_eval import report
 from moshi_eval.cli import main
 from moshi_eval.codes import encode_book
 from moshi_eval.data import DataError, discover_books
+from moshi_eval.scoring import DEFAULT_CHUNK
 
 FAST = ["--threads", "1", "--no-progress"]
 
@@ -283,16 +284,18 @@ def test_chunked_and_one_frame_scoring_agree(world, text, user_stream):
     """`--chunk 1` (one streaming step per frame) and the default chunk give the same per-frame losses and
     text tokens; results.json says how the chunks went."""
     runs = {}
-    for chunk in ("1", "16"):
-        out = world["root"] / f"out_chunk_{text}_{user_stream}_{chunk}"
-        assert _run(world, out, "--chunk", chunk, "--text", text, "--user-stream", user_stream,
-                    "--batch-size", "2")[0] == 0
-        runs[chunk] = (_npz(out), _results(out))
-    (one, one_res), (chunked, res) = runs["1"], runs["16"]
+    for chunk in (["--chunk", "1"], ["--chunk", "16"], []):       # [] : the default chunk
+        out = world["root"] / f"out_chunk_{text}_{user_stream}_{'_'.join(chunk)}"
+        assert _run(world, out, *chunk, "--text", text, "--user-stream", user_stream, "--batch-size", "2")[0] == 0
+        runs[" ".join(chunk)] = (_npz(out), _results(out))
+    (one, one_res), (chunked, res) = runs["--chunk 1"], runs["--chunk 16"]
+    default, default_res = runs[""]
+    assert default_res["config"]["chunk"] == DEFAULT_CHUNK
     assert one.keys() == chunked.keys() and len(one) == 3
     for sid in one:
-        np.testing.assert_array_equal(one[sid]["text_token"], chunked[sid]["text_token"])
-        np.testing.assert_allclose(one[sid]["codebook_ce"], chunked[sid]["codebook_ce"], atol=1e-4, rtol=0)
+        for other in (chunked, default):
+            np.testing.assert_array_equal(one[sid]["text_token"], other[sid]["text_token"])
+            np.testing.assert_allclose(one[sid]["codebook_ce"], other[sid]["codebook_ce"], atol=1e-4, rtol=0)
     assert res["config"]["chunk"] == 16 and one_res["config"]["chunk"] == 1
     chunks = res["runtime"]["chunks"]
     assert chunks["chunked_calls"] > 0 and chunks["passes_per_chunk"] >= 1
