@@ -24,7 +24,7 @@ setup(
     python_requires=">=3.10",
     packages=["moshi_patch", "moshi_eval"],
     package_dir={"moshi_patch": "moshi_patch", "moshi_eval": "eval"},
-    package_data={"moshi_eval": ["assets/*"]},
+    package_data={"moshi_eval": ["assets/*"], "moshi_patch": ["pr_tests/*.py"]},
     install_requires=[
         # moshi_patch: 0.2.9 to 0.2.13, moshi_eval: 0.2.12 to 0.2.13 (tests/moshi_matrix.py, moshi_patch/compat.py)
         "moshi>=0.2.9,<=0.2.13",
@@ -37,6 +37,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "flake8"]},  # flake8: upstream's linter, for the upstream PR tests
     entry_points={"console_scripts": ["moshi-eval = moshi_eval.cli:main"]},
 )

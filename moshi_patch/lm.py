@@ -1,8 +1,9 @@
 # moshi-patch: LMGen.step_with_logits, written to read as part of moshi/models/lm.py.
 #
 # Everything between an `# upstream-begin: <place>` and the matching `# upstream-end` line is inserted
-# verbatim into moshi/models/lm.py by `python -m moshi_patch.upstream` (the pull request): that code only
-# uses names that moshi/models/lm.py itself defines or imports.
+# verbatim into moshi/models/lm.py by `python -m moshi_patch.upstream` (the second pull request, on top of
+# the audio hooks of `moshi_patch.hooks`, the first): that code only uses names that moshi/models/lm.py
+# itself defines or imports.
 """Moshi's `LMGen` with `step_with_logits`: the logits of each streaming step.
 
 Frame convention (the one of `LMModel.forward` codes and of what `LMGen.step` returns): at streaming step
@@ -10,15 +11,17 @@ Frame convention (the one of `LMModel.forward` codes and of what `LMGen.step` re
 model stream (None while `s < max_delay`). `step_with_logits` takes the forced tokens of frame `s`,
 undelayed, schedules each stream by its delay, and returns the tokens and logits of frame `s - max_delay`.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import typing as tp
 
 import torch
 
 from moshi.models import lm as _upstream
+from moshi.models.lm import _LMGenState
 from moshi.utils.compile import CUDAGraphed
 from moshi.utils.sampling import sample_token
 
+from . import hooks
 from .chunking import StreamingSnapshot, check_multi_frame_support, reserve_kv_steps
 
 __all__ = ["ChunkStats", "LMGen", "StepLogits"]
@@ -49,6 +52,9 @@ class _StepLogitsState:
     Both are kept in rings of `max_delay + 1` frames, indexed per batch item by `frame % (max_delay + 1)`.
     A masked item (`set_exec_mask`) does not advance, so whatever a masked step writes lands in the slots of
     the item's current frame, which its next executed step writes again.
+
+    The hooks of `step_with_logits` read what to force at this step and write what they see in the buffers
+    below, which live as long as the stream (CUDA graphs capture the audio hooks with `depformer_step`).
     """
 
     batch_index: torch.Tensor  # [B], arange(B), to index the rings per item.
@@ -56,54 +62,101 @@ class _StepLogitsState:
     forced: torch.Tensor  # [B, 1 + dep_q, max_delay + 1], forced tokens by frame, -2 where not forced.
     text_logits: torch.Tensor  # [B, 1, max_delay + 1, text_card_out], text logits by frame.
     audio_logits: torch.Tensor | None  # [B, dep_q, max_delay + 1, card], audio logits by frame.
-    # Static input and output of the depformer functions, which may be CUDA graphed: the tokens to force
-    # at this step ([B, dep_q], -2 for the model's choice) and the logits computed ([B, dep_q, card]).
-    depth_forced: torch.Tensor | None
-    depth_logits: torch.Tensor | None
-    graphed_depth: CUDAGraphed | None  # `_depformer_step_with_logits`: dep_q sequential calls.
-    graphed_depth_forced: CUDAGraphed | None  # `_depformer_forced_with_logits`: one parallel call.
+    forced_now: torch.Tensor  # [B, 1 + dep_q], tokens to force at this step, -2 outside `step_with_logits`.
+    text_token: torch.Tensor  # [B], the text token of this step, as forced.
+    step_text_logits: torch.Tensor  # [B, text_card_out], the text logits of this step.
+    step_audio_logits: torch.Tensor | None  # [B, dep_q, card], the audio logits of this step.
+    hooks: dict[str, tp.Any] = field(default_factory=dict)  # The hooks installed for the stream, by name.
+    user_hooks: dict[str, tp.Any] = field(default_factory=dict)  # The caller's hooks they call in turn.
     # Until tokens are forced for the first time, the forced ring holds only -2 and is not maintained.
     any_forced: bool = False
 # upstream-end
 
 
 class StepLogitsLMGen(_upstream.LMGen):
-    """`moshi.models.lm.LMGen` with `step_with_logits` of one frame per call, as the upstream pull request
-    adds it (the code between the upstream markers). `step` and every other method are unchanged."""
+    """`moshi.models.lm.LMGen` with `step_with_logits` of one frame per call, as the upstream pull requests
+    add it: the audio hooks of `depformer_step` (`moshi_patch.hooks`, rebuilt here from the installed moshi
+    when it lacks them) and the code between the upstream markers. `step` and every other method are
+    upstream's."""
+
+    if not hooks.has_hooks(_upstream.LMGen):   # moshi without the first pull request: add its hooks
+        on_audio_logits_hook: tp.Optional[tp.Callable[[int, torch.Tensor], None]] = None
+        on_audio_token_hook: tp.Optional[tp.Callable[[int, torch.Tensor], None]] = None
+        depformer_step = hooks.hooked_depformer_step(_upstream)
 
     def _init_streaming_state(self, batch_size: int) -> _upstream._LMGenState:
         state = super()._init_streaming_state(batch_size)
         # upstream-begin: init_streaming_state
         state.step_logits = self._init_step_logits_state(state.batch_size)
+        self._install_step_logits_hooks(state)
         # upstream-end
         return state
 
     # upstream-begin: LMGen
-    # When every audio token of a step is forced, `step_with_logits` computes the depformer logits with one
-    # parallel call instead of `dep_q` sequential ones (same logits). Set to False to always go sequential.
-    parallel_forced_depformer: bool = True
-
     def _init_step_logits_state(self, batch_size: int) -> _StepLogitsState:
         lm_model = self.lm_model
         device, dtype = lm_model.device, lm_model.dtype
         ring = self.max_delay + 1
+        text_card = lm_model.text_linear.out_features
         forced = torch.full((batch_size, 1 + lm_model.dep_q, ring), lm_model.ungenerated_token_id,
                             device=device, dtype=torch.long)
-        text_logits = torch.full((batch_size, 1, ring, lm_model.text_linear.out_features), float('nan'),
-                                 device=device, dtype=dtype)
-        audio_logits = depth_forced = depth_logits = graphed_depth = graphed_depth_forced = None
+        text_logits = torch.full((batch_size, 1, ring, text_card), float('nan'), device=device, dtype=dtype)
+        audio_logits = step_audio_logits = None
         if lm_model.depformer is not None:
             audio_logits = torch.full((batch_size, lm_model.dep_q, ring, lm_model.card), float('nan'),
                                       device=device, dtype=dtype)
-            depth_forced = forced[:, 1:, 0].clone()
-            depth_logits = audio_logits[:, :, 0].clone()
-            disable = device.type != 'cuda'
-            graphed_depth = CUDAGraphed(self._depformer_step_with_logits, disable=disable)
-            graphed_depth_forced = CUDAGraphed(self._depformer_forced_with_logits, disable=disable)
-        batch_index = torch.arange(batch_size, device=device)
-        codebook_index = torch.arange(lm_model.dep_q, device=device)
-        return _StepLogitsState(batch_index, codebook_index, forced, text_logits, audio_logits,
-                                depth_forced, depth_logits, graphed_depth, graphed_depth_forced)
+            step_audio_logits = audio_logits[:, :, 0].clone()
+        return _StepLogitsState(
+            torch.arange(batch_size, device=device), torch.arange(lm_model.dep_q, device=device), forced,
+            text_logits, audio_logits, forced[:, :, 0].clone(), forced[:, 0, 0].clone(),
+            text_logits[:, 0, 0].clone(), step_audio_logits)
+
+    def _install_step_logits_hooks(self, state: _LMGenState) -> None:
+        """Installs the hooks of `step_with_logits` for the stream, each calling the caller's hook after it;
+        the caller's hooks are back when the stream ends. Outside `step_with_logits` they force nothing."""
+        logits_state = state.step_logits
+        assert logits_state is not None
+        ours = {'on_text_logits_hook': self._text_logits_hook, 'on_text_hook': self._text_hook,
+                'on_audio_logits_hook': self._audio_logits_hook, 'on_audio_token_hook': self._audio_token_hook}
+        logits_state.user_hooks = {name: getattr(self, name) for name in ours}
+
+        def chained(hook: tp.Callable, user_hook: tp.Callable | None) -> tp.Callable:
+            if user_hook is None:
+                return hook
+
+            def both(*args: tp.Any) -> None:
+                hook(*args)
+                user_hook(*args)
+            return both
+
+        logits_state.hooks = {name: chained(hook, logits_state.user_hooks[name]) for name, hook in ours.items()}
+        for name, hook in logits_state.hooks.items():
+            setattr(self, name, hook)
+        state.exit_stack.callback(lambda: [setattr(self, name, user_hook)
+                                           for name, user_hook in logits_state.user_hooks.items()])
+
+    def _step_logits_state(self) -> _StepLogitsState:
+        state = self._streaming_state
+        assert state is not None and state.step_logits is not None, "step_with_logits hook outside a stream"
+        return state.step_logits
+
+    def _text_logits_hook(self, text_logits: torch.Tensor) -> None:
+        self._step_logits_state().step_text_logits.copy_(text_logits[:, 0, 0])
+
+    def _text_hook(self, text_token: torch.Tensor) -> None:
+        logits_state = self._step_logits_state()
+        forced = logits_state.forced_now[:, 0]
+        text_token.copy_(torch.where(forced == self.lm_model.ungenerated_token_id, text_token, forced))
+        logits_state.text_token.copy_(text_token)
+
+    def _audio_logits_hook(self, cb_index: int, logits: torch.Tensor) -> None:
+        logits_state = self._step_logits_state()
+        if logits_state.step_audio_logits is not None:
+            logits_state.step_audio_logits[:, cb_index].copy_(logits[:, 0, 0])
+
+    def _audio_token_hook(self, cb_index: int, token: torch.Tensor) -> None:
+        forced = self._step_logits_state().forced_now[:, 1 + cb_index]
+        token.copy_(torch.where(forced == self.lm_model.ungenerated_token_id, token, forced))
 
     @torch.no_grad()
     def step_with_logits(self, input_tokens: torch.Tensor,
@@ -130,12 +183,16 @@ class StepLogitsLMGen(_upstream.LMGen):
         if lm_model.training:
             raise RuntimeError("lm_model is in training mode: call lm_model.eval() before streaming, "
                                "dropout would make the logits random.")
+        logits_state = self._step_logits_state()
+        replaced = [name for name, hook in logits_state.hooks.items() if getattr(self, name) is not hook]
+        if replaced:
+            raise RuntimeError(f"{replaced} were replaced during the stream: step_with_logits relies on its own "
+                               "hooks, which call the caller's; set the caller's hooks before `streaming()`.")
         B = state.batch_size
         input_tokens = self._check_step_tokens("input_tokens", input_tokens, lm_model.n_q - lm_model.dep_q, B)
         # Before the copy to the device: no sync for CPU tokens.
         self._check_token_range("input_tokens", input_tokens, 1 + lm_model.dep_q)
         input_tokens = input_tokens.to(lm_model.device)
-        logits_state: _StepLogitsState = state.step_logits
         if forced_tokens is not None:
             forced_tokens = self._check_step_tokens("forced_tokens", forced_tokens, 1 + lm_model.dep_q, B)
             self._check_token_range("forced_tokens", forced_tokens, 0)
@@ -148,52 +205,22 @@ class StepLogitsLMGen(_upstream.LMGen):
         # Frame produced at this step by each of the model's streams, and its slot in the rings.
         frames = offsets[:, None] - self.delays_cuda[None, :1 + lm_model.dep_q]
         slots = frames % ring
-
-        forced_now: torch.Tensor | None = None
-        depth_fn = logits_state.graphed_depth
         if logits_state.any_forced:
             if forced_tokens is None:
                 forced_tokens = logits_state.forced[:, :, :1].clone().fill_(lm_model.ungenerated_token_id)
             logits_state.forced[logits_state.batch_index, :, offsets % ring] = forced_tokens[:, :, 0]
             forced_now = logits_state.forced.gather(2, slots[:, :, None])[:, :, 0]
             # Frames before the start of the stream are never seen by the model: nothing to force there.
-            forced_now = torch.where(frames >= 0, forced_now, lm_model.ungenerated_token_id)
-            if lm_model.depformer is not None:
-                logits_state.depth_forced.copy_(forced_now[:, 1:])
-                if self.parallel_forced_depformer and self._all_audio_forced(forced_now, state.exec_mask):
-                    depth_fn = logits_state.graphed_depth_forced
-
-        # `_step` is reused as is: the hooks record the text logits and force the text token, and the
-        # depformer function, swapped in for this step, forces the audio tokens and keeps their logits.
-        user_text_hook, user_text_logits_hook = self.on_text_hook, self.on_text_logits_hook
-
-        def on_text_logits(text_logits: torch.Tensor) -> None:
-            logits_state.text_logits[logits_state.batch_index, 0, slots[:, 0]] = (
-                text_logits[:, 0, 0].to(logits_state.text_logits.dtype))
-            if user_text_logits_hook is not None:
-                user_text_logits_hook(text_logits)
-
-        def on_text(text_token: torch.Tensor) -> None:
-            if forced_now is not None:
-                forced_text = forced_now[:, 0]
-                text_token.copy_(torch.where(forced_text == lm_model.ungenerated_token_id,
-                                             text_token, forced_text))
-            if user_text_hook is not None:
-                user_text_hook(text_token)
-
-        graphed_depth = state.graphed_depth
-        if graphed_depth is not None:
-            state.graphed_depth = depth_fn
-        self.on_text_logits_hook, self.on_text_hook = on_text_logits, on_text
+            logits_state.forced_now.copy_(torch.where(frames >= 0, forced_now, lm_model.ungenerated_token_id))
         try:
-            out = self._step(input_tokens)
+            out = self._step_for_logits(input_tokens)
         finally:
-            state.graphed_depth = graphed_depth
-            self.on_text_hook, self.on_text_logits_hook = user_text_hook, user_text_logits_hook
+            logits_state.forced_now.fill_(lm_model.ungenerated_token_id)   # `step()` forces nothing.
 
-        if logits_state.audio_logits is not None:
+        logits_state.text_logits[logits_state.batch_index, 0, slots[:, 0]] = logits_state.step_text_logits
+        if logits_state.audio_logits is not None and logits_state.step_audio_logits is not None:
             ring_index = (logits_state.batch_index[:, None], logits_state.codebook_index, slots[:, 1:])
-            logits_state.audio_logits[ring_index] = logits_state.depth_logits.to(logits_state.audio_logits.dtype)
+            logits_state.audio_logits[ring_index] = logits_state.step_audio_logits
         if out is None:
             return None
         tokens = out[0]
@@ -206,6 +233,11 @@ class StepLogitsLMGen(_upstream.LMGen):
             audio_logits = logits_state.audio_logits[logits_state.batch_index, :, out_slot][:, :, None]
             audio_logits = torch.where(no_frame, float('nan'), audio_logits)
         return StepLogits(tokens, text_logits, audio_logits)
+
+    def _step_for_logits(self, input_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`_step` with the hooks of `step_with_logits` forcing and recording (subclasses may compute the
+        depformer logits another way)."""
+        return self._step(input_tokens)
 
     def _check_step_tokens(self, name: str, tokens: torch.Tensor, num_streams: int,
                            batch_size: int, frames: int = 1) -> torch.Tensor:
@@ -249,70 +281,6 @@ class StepLogitsLMGen(_upstream.LMGen):
             raise ValueError(
                 f"{name}[{b}, {k}, {t}] = {int(tokens[b, k, t])} is out of range for stream {stream} "
                 f"({what}): expected {allowed} or a token in [0, {int(cards[k])}).")
-
-    def _all_audio_forced(self, forced_now: torch.Tensor, exec_mask: torch.Tensor) -> bool:
-        # Items that do not execute this step do not matter: their tokens are not kept.
-        forced = forced_now[:, 1:] != self.lm_model.ungenerated_token_id
-        return bool((forced | ~exec_mask[:, None]).all())
-
-    def _mix_cfg(self, logits: torch.Tensor) -> torch.Tensor:
-        # Same mixing as `depformer_step`: [2 * B, ...] conditioned then unconditioned -> [B, ...].
-        if self.cfg_coef == 1.:
-            return logits
-        logits, logits_null = logits.chunk(2)
-        return logits_null + (logits - logits_null) * self.cfg_coef
-
-    def _depformer_step_with_logits(self, text_token: torch.Tensor,
-                                    transformer_out: torch.Tensor) -> torch.Tensor:
-        """`depformer_step` that forces the tokens of `depth_forced` and keeps the logits in `depth_logits`.
-
-        Tokens not forced are sampled exactly as `depformer_step` samples them. Returns `[B, dep_q]`.
-        """
-        logits_state: _StepLogitsState = self._streaming_state.step_logits
-        lm_model = self.lm_model
-        B, = text_token.shape
-        cfg_factor = 1 if self.cfg_coef == 1. else 2
-        prev_token = text_token
-        tokens: list[torch.Tensor] = []
-        logits_per_codebook: list[torch.Tensor] = []
-        with lm_model.depformer.streaming(B * cfg_factor):
-            for cb_index in range(lm_model.dep_q):
-                input_ = prev_token[:, None, None]
-                if cfg_factor > 1:
-                    input_ = input_.repeat(cfg_factor, 1, 1)
-                logits = self._mix_cfg(lm_model.forward_depformer(cb_index, input_, transformer_out))
-                sampled = sample_token(logits.float(), self.use_sampling, self.temp, self.top_k)[:, 0, 0]
-                forced = logits_state.depth_forced[:, cb_index]
-                prev_token = torch.where(forced == lm_model.ungenerated_token_id, sampled, forced)
-                tokens.append(prev_token)
-                logits_per_codebook.append(logits[:, 0, 0])
-        logits_state.depth_logits.copy_(torch.stack(logits_per_codebook, dim=1))
-        return torch.stack(tokens, dim=1)
-
-    def _depformer_forced_with_logits(self, text_token: torch.Tensor,
-                                      transformer_out: torch.Tensor) -> torch.Tensor:
-        """Depformer logits in one parallel call, for a step where every audio token is forced.
-
-        The inputs of the `dep_q` depformer positions are all known (the text token, then the forced
-        codebooks), so the causal depformer runs over them at once as in training, instead of `dep_q`
-        streaming calls. Returns the forced tokens `[B, dep_q]` and keeps the logits in `depth_logits`.
-        """
-        logits_state: _StepLogitsState = self._streaming_state.step_logits
-        lm_model = self.lm_model
-        forced = logits_state.depth_forced
-        # `forward_depformer_training` reads the text token at index 0 and codebook k - 1 at index k, and
-        # expects all the codebooks of the model: the others are padded with the zero token, and unused.
-        sequence = torch.full((forced.shape[0], lm_model.num_codebooks), lm_model.zero_token_id,
-                              device=forced.device, dtype=torch.long)
-        sequence[:, 0] = text_token
-        sequence[:, 1:lm_model.dep_q] = forced[:, :-1]
-        cfg_factor = 1 if self.cfg_coef == 1. else 2
-        sequence = sequence[:, :, None]
-        if cfg_factor > 1:
-            sequence = sequence.repeat(cfg_factor, 1, 1)
-        logits = self._mix_cfg(lm_model.forward_depformer_training(sequence, transformer_out))
-        logits_state.depth_logits.copy_(logits[:, :, 0])
-        return forced
     # upstream-end
 
 
@@ -372,9 +340,66 @@ class LMGen(StepLogitsLMGen):
         # not depend on the streams before it.
         self._text_window: int | None = None
 
-    def _init_streaming_state(self, batch_size: int) -> _upstream._LMGenState:
+    # When every audio token of a step is forced, `step_with_logits` computes the depformer logits with one
+    # parallel call instead of `dep_q` sequential ones (same logits). Set to False to always go sequential.
+    parallel_forced_depformer: bool = True
+
+    def _init_streaming_state(self, batch_size: int) -> _LMGenState:
         self._text_window = None
-        return super()._init_streaming_state(batch_size)
+        state = super()._init_streaming_state(batch_size)
+        disable = self.lm_model.device.type != 'cuda'
+        self._graphed_parallel_depformer = CUDAGraphed(self._parallel_depformer_logits, disable=disable)
+        return state
+
+    def _step_for_logits(self, input_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`_step`, with the depformer logits from one parallel call when every audio token is forced.
+
+        `_step` then takes the forced tokens in place of the depformer's (`depformer_replace_tokens`) and
+        returns the temporal transformer's output, from which the logits of the `dep_q` positions are
+        computed at once, as in training. It returns that output only once `max_delay` steps have run
+        (`offset_cpu`): before, some tokens are of frames before the start, never forced, so not every
+        audio token is forced anyway."""
+        state = self._streaming_state
+        logits_state: _StepLogitsState = state.step_logits
+        forced = logits_state.forced_now[:, 1:]
+        if (not self.parallel_forced_depformer or self.lm_model.depformer is None or not logits_state.any_forced
+                or state.offset_cpu < self.max_delay or not self._all_audio_forced(forced, state.exec_mask)):
+            return super()._step_for_logits(input_tokens)
+        out = self._step(input_tokens, forced[:, :, None].clone())
+        assert out is not None and logits_state.step_audio_logits is not None
+        logits = self._graphed_parallel_depformer(logits_state.text_token, out[1])
+        logits_state.step_audio_logits.copy_(logits)
+        return out
+
+    def _all_audio_forced(self, forced: torch.Tensor, exec_mask: torch.Tensor) -> bool:
+        # Items that do not execute this step do not matter: their tokens are not kept.
+        forced = forced != self.lm_model.ungenerated_token_id
+        return bool((forced | ~exec_mask[:, None]).all())
+
+    def _mix_cfg(self, logits: torch.Tensor) -> torch.Tensor:
+        # Same mixing as `depformer_step`: [2 * B, ...] conditioned then unconditioned -> [B, ...].
+        if self.cfg_coef == 1.:
+            return logits
+        logits, logits_null = logits.chunk(2)
+        return logits_null + (logits - logits_null) * self.cfg_coef
+
+    def _parallel_depformer_logits(self, text_token: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+        """Depformer logits `[B, dep_q, card]` of a step whose audio tokens are all forced, in one call.
+
+        The inputs of the `dep_q` depformer positions are all known (the text token, then the forced
+        codebooks), so the causal depformer runs over them at once as in training."""
+        lm_model = self.lm_model
+        forced = self._streaming_state.step_logits.forced_now[:, 1:]
+        # `forward_depformer_training` reads the text token at index 0 and codebook k - 1 at index k, and
+        # expects all the codebooks of the model: the others are padded with the zero token, and unused.
+        sequence = torch.full((forced.shape[0], lm_model.num_codebooks), lm_model.zero_token_id,
+                              device=forced.device, dtype=torch.long)
+        sequence[:, 0] = text_token
+        sequence[:, 1:lm_model.dep_q] = forced[:, :-1]
+        sequence = sequence[:, :, None]
+        if self.cfg_coef != 1.:
+            sequence = sequence.repeat(2, 1, 1)
+        return self._mix_cfg(lm_model.forward_depformer_training(sequence, transformer_out))[:, :, 0]
 
     @torch.no_grad()
     def step_with_logits(self, input_tokens: torch.Tensor,
@@ -439,7 +464,8 @@ class LMGen(StepLogitsLMGen):
         if self.cfg_coef != 1.:
             raise ValueError(f"step_with_logits over several frames needs cfg_coef == 1, got {self.cfg_coef}: "
                              "give one frame per call.")
-        hooks = [name for name in ("on_text_hook", "on_text_logits_hook", "on_audio_hook") if getattr(self, name)]
+        user_hooks = dict(state.step_logits.user_hooks, on_audio_hook=self.on_audio_hook)
+        hooks = [name for name, hook in user_hooks.items() if hook is not None]
         if hooks:
             raise ValueError(f"step_with_logits over several frames does not call the per-step hooks "
                              f"{hooks}: give one frame per call, or unset them.")

@@ -1,20 +1,22 @@
-"""Renders the upstream pull request: moshi's own `moshi/models/lm.py` with `LMGen.step_with_logits`.
+"""Renders the two upstream pull requests, the second on top of the first.
 
     python -m moshi_patch.upstream --out DIR [--source LM_PY] [--run-tests]
 
-writes
-- `DIR/moshi/models/lm.py`: the whole patched file;
-- `DIR/step_with_logits.patch`: its unified diff, paths `a/moshi/models/lm.py` and `b/moshi/models/lm.py`
-  (`patch -p1` in the folder that holds the `moshi` package);
-- `DIR/PR.md`: title, motivation, API, design, tests and, with `--run-tests`, the result of running the
-  oracle tests of `tests/test_step_with_logits.py` against the patched copy of the installed moshi.
+1. `DIR/1-audio-hooks/`: the minimal change, audio hooks in `LMGen.depformer_step` (`moshi_patch.hooks`),
+   with a test in upstream's style (`moshi/tests/test_lm_gen.py`);
+2. `DIR/2-step-with-logits/`: `LMGen.step_with_logits` built on those hooks and the text hooks.
+Each folder holds the patched `moshi/models/lm.py`, the diff from the repository root (`<name>.patch`, paths
+`moshi/moshi/models/lm.py`: `git apply` or `patch -p1` in a kyutai-labs/moshi checkout), the same diff
+relative to the Python package's folder (`<name>.package.patch`: `patch -p1` in the folder that holds the
+`moshi` package, e.g. site-packages) and `PR.md` (the pull-request template's checklist, motivation, API,
+and with `--run-tests` the result of the tests run against a patched copy of the installed moshi).
 
-One source of truth: the code inserted is the code between the `# upstream-begin: <place>` and
-`# upstream-end` markers of `moshi_patch/lm.py`, i.e. the code `moshi_patch.LMGen` runs. The only line
-written here is the declaration of the `step_logits` field of `_LMGenState` (the subclass cannot declare a
-field on upstream's dataclass, it sets the attribute). The upstream file is read as it is installed (or
-from `--source`) and located with `ast`: if it is not the shape this renderer knows (moshi 0.2.13), the
-renderer stops and names the missing anchor.
+One source of truth: the hooks are the text of `moshi_patch.hooks`, which `moshi_patch` inserts into the
+installed `depformer_step` at import; the code of the second pull request is the code between the
+`# upstream-begin: <place>` and `# upstream-end` markers of `moshi_patch/lm.py`, i.e. the code
+`moshi_patch.lm.StepLogitsLMGen` runs. The only line written here is the declaration of the `step_logits`
+field of `_LMGenState`. The upstream file is read as installed (or from `--source`) and located with `ast`:
+if it is not the shape this renderer knows (moshi 0.2.13), the renderer stops and names the missing anchor.
 """
 import argparse
 import ast
@@ -33,18 +35,23 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from . import hooks
+
 SUPPORTED_MOSHI = "0.2.13"
 PATCH_PATH = "moshi/models/lm.py"  # Path of the patched file inside the folder that holds `moshi`.
+REPO_PREFIX = "moshi/"             # kyutai-labs/moshi keeps the Python package in `moshi/moshi/`.
+UPSTREAM_TEST = "tests/test_lm_gen.py"   # The first pull request's test, in the folder that holds `moshi`.
+HOOKS_NAME, STEP_LOGITS_NAME = "audio_hooks", "step_with_logits"
+PR_FOLDERS = {HOOKS_NAME: "1-audio-hooks", STEP_LOGITS_NAME: "2-step-with-logits"}
 PLACES = ("module", "init_streaming_state", "LMGen")
 BEGIN, END = "# upstream-begin:", "# upstream-end"
 # Declared on `_LMGenState` so that the attribute `step_with_logits` keeps there is a field of the state.
 STATE_FIELD = ("# Buffers of `LMGen.step_with_logits`, see `_StepLogitsState`.",
                "step_logits: _StepLogitsState | None = None")
 # Module-level names of moshi/models/lm.py the inserted code relies on (besides what it defines).
-REQUIRED_MODULE_NAMES = ("dataclass", "torch", "CUDAGraphed", "sample_token")
-# `_step` is reused unchanged: the inserted code relies on it calling these attributes (`self.on_text_hook(...)`,
-# `state.graphed_depth(...)`).
-REQUIRED_STEP_CALLS = ("on_text_logits_hook", "on_text_hook", "graphed_depth")
+REQUIRED_MODULE_NAMES = ("dataclass", "field", "torch", "tp")
+# `_step` is reused unchanged: the inserted code relies on it calling these hooks (`self.on_text_hook(...)`).
+REQUIRED_STEP_CALLS = ("on_text_logits_hook", "on_text_hook")
 ENV_TEST_LMGEN = "MOSHI_PATCH_TEST_LMGEN"  # `upstream` makes the oracle tests use `moshi.models.lm.LMGen`.
 
 
@@ -54,15 +61,22 @@ class UpstreamShapeError(RuntimeError):
 
 @dataclasses.dataclass
 class Rendered:
-    """The upstream file before and after the patch, and the diff between them."""
+    """The upstream file before and after one pull request, and the diffs between them."""
 
     source_path: Path  # The upstream lm.py rendered from.
     moshi_version: str  # The installed moshi's version, or "from <path>" when rendered from --source.
     original: str
     patched: str
-    diff: str  # Unified diff, `a/moshi/models/lm.py` -> `b/moshi/models/lm.py`.
-    added: int  # Lines added by the diff.
-    removed: int  # Lines removed by the diff (0: the patch only adds).
+    diff: str  # Unified diff from the folder that holds `moshi`: `a/moshi/models/lm.py` (+ new files).
+    added: int  # Lines added to lm.py.
+    removed: int  # Lines removed from lm.py (0: the patch only adds).
+    name: str = STEP_LOGITS_NAME
+    new_files: dict[str, str] = dataclasses.field(default_factory=dict)   # path from the package folder -> text
+
+    @property
+    def repo_diff(self) -> str:
+        """The diff with paths from the root of a kyutai-labs/moshi checkout (`moshi/moshi/models/lm.py`)."""
+        return _diff(self.original, self.patched, self.new_files, REPO_PREFIX)[0]
 
 
 @dataclasses.dataclass
@@ -241,16 +255,67 @@ def _locate(tree: ast.Module, source_path: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def _diff(original: str, patched: str) -> tuple[str, int, int]:
+def _diff(original: str, patched: str, new_files: dict[str, str] | None = None,
+          prefix: str = "") -> tuple[str, int, int]:
+    """Unified diff of lm.py (paths `a/<prefix>moshi/models/lm.py`), then of each new file; the lines added
+    to and removed from lm.py."""
+    path = prefix + PATCH_PATH
     lines = list(difflib.unified_diff(original.splitlines(keepends=True), patched.splitlines(keepends=True),
-                                      fromfile="a/" + PATCH_PATH, tofile="b/" + PATCH_PATH))
+                                      fromfile="a/" + path, tofile="b/" + path))
     added = sum(1 for line in lines if line.startswith("+") and not line.startswith("+++"))
     removed = sum(1 for line in lines if line.startswith("-") and not line.startswith("---"))
+    for name, text in (new_files or {}).items():
+        lines += difflib.unified_diff([], text.splitlines(keepends=True), fromfile="/dev/null",
+                                      tofile="b/" + prefix + name)
     return "".join(lines), added, removed
 
 
+def upstream_test_source() -> str:
+    """The first pull request's test file, `moshi/tests/test_lm_gen.py` in upstream's layout."""
+    return (Path(__file__).parent / "pr_tests" / "test_lm_gen.py").read_text()
+
+
+def _read_upstream(source_path: Path | str | None) -> tuple[Path, str, str]:
+    if source_path is None:
+        path, moshi_version = installed_lm_path(), installed_moshi_version()
+    else:  # Another checkout: its version is not known from here, only where it comes from.
+        path = Path(source_path)
+        moshi_version = f"from {path}"
+    original = path.read_text()
+    if not original.endswith("\n"):
+        original += "\n"  # difflib writes no `\\ No newline at end of file` marker.
+    return path, moshi_version, original
+
+
+def render_hooks(source_path: Path | str | None = None) -> Rendered:
+    """The first pull request: `moshi_patch.hooks` inserted into upstream's `moshi/models/lm.py`.
+
+    Raises:
+        UpstreamShapeError: the upstream file lacks an anchor (another moshi), or has the hooks already.
+    """
+    path, moshi_version, original = _read_upstream(source_path)
+    tree = ast.parse(original, str(path))
+    lm_gen = _class(tree, "LMGen", path)
+    if any(isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == "on_audio_token_hook"
+           for n in lm_gen.body):
+        raise _shape_error("`LMGen.on_audio_token_hook` exists already: this moshi has the audio hooks", path)
+    init = _method(lm_gen, "__init__", path)
+    first = min([d.lineno for d in init.decorator_list] + [init.lineno])
+    try:
+        places = hooks.insertions(original)
+    except hooks.HookAnchorError as error:
+        raise _shape_error(f"anchor missing: {error}", path) from error
+    places.append((first - 1, init.col_offset, hooks.ATTRIBUTES + "\n"))
+    patched = hooks.insert(original, places)
+    compile(patched, PATCH_PATH, "exec")
+    new_files = {UPSTREAM_TEST: upstream_test_source()}
+    diff, added, removed = _diff(original, patched, new_files)
+    return Rendered(path, moshi_version, original, patched, diff, added, removed, HOOKS_NAME, new_files)
+
+
 def render(source_path: Path | str | None = None, patch_source_path: Path | str | None = None) -> Rendered:
-    """Inserts the marked blocks of `moshi_patch/lm.py` into upstream's `moshi/models/lm.py`.
+    """The second pull request: the marked blocks of `moshi_patch/lm.py` inserted into upstream's
+    `moshi/models/lm.py` with the first pull request (`render_hooks`) applied.
 
     Args:
         source_path: the upstream lm.py to patch; default: the installed `moshi/models/lm.py`.
@@ -258,18 +323,12 @@ def render(source_path: Path | str | None = None, patch_source_path: Path | str 
     Raises:
         UpstreamShapeError: the upstream file lacks an anchor the inserted code relies on.
     """
-    if source_path is None:
-        source_path, moshi_version = installed_lm_path(), installed_moshi_version()
-    else:  # Another checkout: its version is not known from here, only where it comes from.
-        source_path = Path(source_path)
-        moshi_version = f"from {source_path}"
+    hooked = render_hooks(source_path)
+    source_path, moshi_version, original = hooked.source_path, hooked.moshi_version, hooked.patched
     if patch_source_path is None:
         from . import lm as patch_lm  # The module whose LMGen runs this very code.
         patch_source_path = inspect.getsourcefile(patch_lm)
     blocks = extract_blocks(Path(patch_source_path).read_text())
-    original = source_path.read_text()
-    if not original.endswith("\n"):
-        original += "\n"  # difflib writes no `\ No newline at end of file` marker.
     try:
         tree = ast.parse(original, str(source_path))
     except SyntaxError as error:
@@ -312,8 +371,9 @@ def repo_tests_dir() -> Path:
     return tests
 
 
-def patched_moshi_copy(patch_file: Path, dest: Path) -> Path:
-    """Copies the installed `moshi` package into `dest` and applies `patch_file` with `patch -p1`.
+def patched_moshi_copy(patch_files: list[Path], dest: Path) -> Path:
+    """Copies the installed `moshi` package into `dest` and applies `patch_files` in order with `patch -p1`
+    (their package-relative form).
 
     Returns `dest`, to put first on PYTHONPATH so that `import moshi` is the patched copy.
     """
@@ -322,16 +382,17 @@ def patched_moshi_copy(patch_file: Path, dest: Path) -> Path:
         raise FileNotFoundError("`patch` (GNU patch) is not installed: cannot apply the diff to a copy of moshi.")
     package = installed_lm_path().parent.parent
     shutil.copytree(package, dest / "moshi", ignore=shutil.ignore_patterns("__pycache__"))
-    result = subprocess.run([patch_bin, "-p1", "--batch", "--forward", "-i", str(patch_file.resolve())],
-                            cwd=dest, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{patch_file} does not apply to moshi {installed_moshi_version()}:\n"
-                           f"{result.stdout}{result.stderr}")
+    for patch_file in patch_files:
+        result = subprocess.run([patch_bin, "-p1", "--batch", "--forward", "-i", str(patch_file.resolve())],
+                                cwd=dest, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{patch_file} does not apply to moshi {installed_moshi_version()}:\n"
+                               f"{result.stdout}{result.stderr}")
     return dest
 
 
-# Run in the subprocess: the oracle tests must have used the patched copy, and never moshi_patch. moshi is
-# imported by the tests, after tests/conftest.py set up the environment.
+# Run in the subprocess: the tests must have used the patched copy, and never moshi_patch. moshi is imported
+# by the tests, after tests/conftest.py set up the environment.
 _BOOTSTRAP = """
 import sys, pytest
 copy = sys.argv[1]
@@ -340,25 +401,25 @@ import moshi, moshi.models.lm as lm
 if not moshi.__file__.startswith(copy):
     sys.exit(f"moshi imported from {moshi.__file__}, not from the patched copy {copy}")
 if "moshi_patch" in sys.modules:
-    sys.exit("the oracle tests imported moshi_patch: they did not test the patched moshi alone")
+    sys.exit("the tests imported moshi_patch: they did not test the patched moshi alone")
 module = sys.modules.get("test_step_with_logits")
 if module is not None and module.LMGen is not lm.LMGen:
     sys.exit("the oracle tests did not use moshi.models.lm.LMGen")
-print(f"oracle tests ran against {lm.__file__}")
+print(f"tests ran against {lm.__file__}")
 sys.exit(code)
 """
 
 
-def run_oracle_tests(patch_file: Path, select: str | None = None) -> TestRun:
-    """Runs `tests/test_step_with_logits.py` against the installed moshi with `patch_file` applied."""
-    tests = repo_tests_dir()
+def run_tests(patch_files: list[Path], tests: list[str], select: str | None = None) -> TestRun:
+    """Runs `tests` (paths from the moshi-patch checkout, or from the patched copy's folder for the upstream
+    test) against the installed moshi with `patch_files` applied."""
+    repo = repo_tests_dir().parent
     with tempfile.TemporaryDirectory(prefix="moshi-upstream-") as tmp:
-        copy = patched_moshi_copy(patch_file, Path(tmp))
-        args = [str(tests / "test_step_with_logits.py"), "-q", "-rs", "-p", "no:cacheprovider"]
-        if select:
-            args += ["-k", select]
-        env = dict(os.environ, PYTHONPATH=str(copy), **{ENV_TEST_LMGEN: "upstream"})
-        result = subprocess.run([sys.executable, "-c", _BOOTSTRAP, str(copy), *args], cwd=tests.parent,
+        copy = patched_moshi_copy(patch_files, Path(tmp))
+        paths = [str(copy / t) if (copy / t).exists() else str(repo / t) for t in tests]
+        args = [*paths, "-q", "-rs", "-p", "no:cacheprovider"] + (["-k", select] if select else [])
+        env = dict(os.environ, PYTHONPATH=str(copy), NO_TORCH_COMPILE="1", **{ENV_TEST_LMGEN: "upstream"})
+        result = subprocess.run([sys.executable, "-c", _BOOTSTRAP, str(copy), *args], cwd=repo,
                                 env=env, capture_output=True, text=True)
     output = result.stdout + result.stderr
     pytest_lines = [line for line in result.stdout.splitlines() if " in " in line and
@@ -368,9 +429,46 @@ def run_oracle_tests(patch_file: Path, select: str | None = None) -> TestRun:
     if skipped:
         summary += " (skipped: " + "; ".join(skipped) + ")"
     select_arg = f" -k '{select}'" if select else ""
-    command = (f"{ENV_TEST_LMGEN}=upstream PYTHONPATH=<patched copy of moshi {installed_moshi_version()}> "
-               f"python -m pytest -q tests/test_step_with_logits.py{select_arg}")
+    command = (f"{ENV_TEST_LMGEN}=upstream PYTHONPATH=<copy of moshi {installed_moshi_version()} + "
+               f"{', '.join(p.name for p in patch_files)}> python -m pytest -q {' '.join(tests)}{select_arg}")
     return TestRun(command, result.returncode, summary, output)
+
+
+def run_oracle_tests(patch_files: list[Path], select: str | None = None) -> TestRun:
+    """The oracle tests of `step_with_logits` against the installed moshi with both pull requests applied."""
+    return run_tests(patch_files, ["tests/test_step_with_logits.py"], select)
+
+
+def run_upstream_test(hooks_patch: Path) -> TestRun:
+    """The first pull request's own test, against the installed moshi with it applied."""
+    return run_tests([hooks_patch], [UPSTREAM_TEST])
+
+
+def flake8_report(rendered: Rendered) -> str:
+    """flake8 with upstream's settings (moshi/setup.cfg: max line 120, E203 and E704 ignored) on the file
+    before and after, or why it could not run."""
+    if importlib.util.find_spec("flake8") is None:
+        return "not run: flake8 is not installed (pip install flake8)"
+    counts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in (("before.py", rendered.original), ("after.py", rendered.patched),
+                           *(("new_" + Path(n).name, t) for n, t in rendered.new_files.items())):
+            (Path(tmp) / name).write_text(text)
+            result = subprocess.run([sys.executable, "-m", "flake8", "--max-line-length", "120",
+                                     "--extend-ignore", "E203,E704", name], cwd=tmp, capture_output=True, text=True)
+            counts.append((name, len(result.stdout.splitlines()), result.stdout.strip()))
+    before, after = counts[0][1], counts[1][1]
+    new = sum(c[1] for c in counts[2:])
+    details = "\n".join(c[2] for c in counts[1:] if c[2])
+    return (f"{before} warning(s) before, {after} after on lm.py; {new} on the new files"
+            + (f":\n{details}" if details and after + new > before else ""))
+
+
+def _class_source(patched: str, name: str) -> str:
+    tree = ast.parse(patched)
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+    return "\n".join(patched.split("\n")[start - 1:node.end_lineno])
 
 
 def _step_with_logits_header(patched: str) -> str:
@@ -381,38 +479,73 @@ def _step_with_logits_header(patched: str) -> str:
     return textwrap.dedent("\n".join(lines))
 
 
-def _class_source(patched: str, name: str) -> str:
-    tree = ast.parse(patched)
-    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
-    start = min([d.lineno for d in node.decorator_list] + [node.lineno])
-    return "\n".join(patched.split("\n")[start - 1:node.end_lineno])
+# The pull-request template of kyutai-labs/moshi (.github/PULL_REQUEST_TEMPLATE.md) and the CLA statement of
+# its CONTRIBUTING.md, which the submitter completes with their GitHub handle.
+CHECKLIST = "\n".join([
+    "## Checklist",
+    "",
+    "- [x] Read CONTRIBUTING.md, and accept the CLA by including the provided snippet. "
+    "We will not accept PR without this.",
+    "- [x] Run pre-commit hook.",
+    "- [ ] If you changed Rust code, run `cargo check`, `cargo clippy`, `cargo test`. (no Rust code changed)",
+    "",
+    "> I, {your GitHub handle}, confirm that I have read and understood the terms of the CLA of Kyutai-labs, "
+    "as outlined in the repository's CONTRIBUTING.md, and I agree to be bound by these terms.",
+    "",
+    "(The submitter replaces `{your GitHub handle}` with theirs.)",
+    ""])
 
 
-def pr_markdown(rendered: Rendered, test_run: TestRun | None) -> str:
-    """The pull request description: title, motivation, API, design, tests and their result."""
+def _result(test_run: TestRun | None, what: str) -> str:
     if test_run is None:
-        result = ("Not run by this rendering. To run them from a moshi-patch checkout:\n\n"
-                  "```\npython -m moshi_patch.upstream --out DIR --run-tests\n```\n\n"
-                  "which copies the installed moshi, applies `step_with_logits.patch` with `patch -p1`, and runs "
-                  f"`tests/test_step_with_logits.py` with `{ENV_TEST_LMGEN}=upstream` (the tests then use "
-                  "`moshi.models.lm.LMGen` of the patched copy, and never import moshi_patch).")
-    else:
-        status = "PASSED" if test_run.returncode == 0 else f"FAILED (exit code {test_run.returncode})"
-        result = (f"{status}: `{test_run.summary}` (CPU, torch "
-                  f"{_torch_version()}, Python {sys.version.split()[0]}).\n\nCommand: `{test_run.command}`")
-    return f"""# LMGen.step_with_logits: the logits of each streaming step
+        return (f"{what}: not run by this rendering (`python -m moshi_patch.upstream --out DIR --run-tests` "
+                "applies the patches to a copy of the installed moshi and runs them).")
+    status = "PASSED" if test_run.returncode == 0 else f"FAILED (exit code {test_run.returncode})"
+    return (f"{what}: {status}, `{test_run.summary}` (CPU, torch {_torch_version()}, Python "
+            f"{sys.version.split()[0]}). Command: `{test_run.command}`")
 
-## Motivation
+
+def hooks_pr_markdown(rendered: Rendered, test_run: TestRun | None, lint: str) -> str:
+    return f"""# LMGen: audio hooks in depformer_step (on_audio_logits_hook, on_audio_token_hook)
+
+{CHECKLIST}
+## PR Description
+
+`LMGen` lets a caller see the text logits of each step (`on_text_logits_hook`) and change the text token
+(`on_text_hook`), but nothing between the depth transformer's codebooks. This adds the same two things for
+the audio codebooks, called by `depformer_step` for each codebook `cb_index` in order:
+
+```python
+{hooks.ATTRIBUTES.rstrip()}
+```
+
+Use: the loss of the *streaming* model, e.g. of a model with stateful layers (Test-Time-Training) whose state
+only exists while streaming: with `on_text_hook` and `on_audio_token_hook` a caller teacher-forces every
+stream, and `on_audio_logits_hook` gives the logits each token is scored from, from the streaming state
+itself (KV cache, recurrent state), with no second forward pass. The test added here checks that, on a small
+seeded model, the logits seen through the hooks under teacher forcing equal `LMModel.forward`'s (1e-4), and
+that hooks that change nothing leave the tokens of `step()` unchanged.
+
+- Size: +{rendered.added} -{rendered.removed} lines in `moshi/models/lm.py`; unset, the hooks cost one
+  attribute test per codebook. Under CUDA graphs they are captured with `depformer_step`, like the rest of it.
+- flake8 (moshi/setup.cfg): {lint}.
+- {_result(test_run, "Tests (`moshi/tests/test_lm_gen.py`)")}
+"""
+
+
+def pr_markdown(rendered: Rendered, test_run: TestRun | None, lint: str = "not run") -> str:
+    """The second pull request's description: checklist, motivation, API, design, tests and their result."""
+    return f"""# LMGen.step_with_logits: the logits of each streaming step (on top of the audio hooks PR)
+
+{CHECKLIST}
+## PR Description
 
 `LMGen.step()` streams one 12.5 Hz frame at a time and returns the sampled tokens only. Measuring the loss
 *of the streaming model* (per frame and per codebook, over hour-long audio, e.g. to see whether models with
 stateful layers such as Test-Time-Training keep improving as the context grows) needs the logits those tokens
-came from. The usual workaround, a separate `LMModel.forward` pass, does not see the streaming state (KV
-cache, recurrent state), has to re-implement the per-codebook delays, and cannot feed the model's own text
-predictions. `step_with_logits` returns the logits from the streaming state itself, with the tokens
-teacher forced where the caller wants.
-
-## API
+came from, from the streaming state (KV cache, recurrent state), with the model's streams teacher forced by
+frame while the method handles the per-codebook delays. It builds on the text hooks and the audio hooks of
+the previous pull request; nothing is swapped per step.
 
 ```python
 {_class_source(rendered.patched, "StepLogits")}
@@ -422,53 +555,19 @@ teacher forced where the caller wants.
 {_step_with_logits_header(rendered.patched)}
 ```
 
-- `input_tokens`: the user stream `[B, n_q - dep_q, 1]`, as for `step()`.
-- `forced_tokens`: optional `[B, 1 + dep_q, 1]`, frame `s` of the model's own streams (text, then its
-  audio codebooks), *undelayed* as the codes of `LMModel.forward`. `-2` (`ungenerated_token_id`) leaves the
-  token to the model (argmax with `use_sampling=False`, else sampled exactly as `step()` samples); any other
-  value is teacher forced (`-1` is the zero token). Each stream is scheduled by its delay internally.
-- Frame convention: at step `s`, stream `k` produces its frame `s - delays[k]`; the method returns `None`
-  exactly when `step()` does (the first `max_delay` steps), then the tokens and logits of frame
-  `s - max_delay`. To reproduce `LMModel.forward(codes)`, pass `codes[:, dep_q + 1:, s - 1]` as the user
-  stream and `codes[:, :1 + dep_q, s]` as forced tokens at step `s`, then `max_delay` more steps to flush.
-- The logits are taken after CFG mixing, keep the model's dtype, and are NaN for a batch item masked by
-  `set_exec_mask`.
-
-## Design
-
-- The patch only adds ({rendered.added} lines added, {rendered.removed} removed): `step()`, `_step()` and
-  every existing line are unchanged; `_init_streaming_state` gains the line creating the buffers of
-  `step_with_logits`, `_LMGenState` a field holding them. `step_with_logits` runs `_step` as is: its
-  `on_text_logits_hook` / `on_text_hook` record the text logits and force the text token, and a depformer
-  function swapped into the `graphed_depth` slot for the step forces the audio tokens and keeps their logits.
-- The delays are handled by two small rings of `max_delay + 1` frames (forced tokens, logits), kept in the
-  streaming state (`_StepLogitsState`, field `_LMGenState.step_logits`): `reset_streaming` and
-  `set_exec_mask` keep working per batch item.
-- When every audio token of a step is forced, the depformer inputs are all known: one parallel
-  `forward_depformer_training` call replaces `dep_q` sequential ones, with the same logits
-  (`LMGen.parallel_forced_depformer = False` turns it off).
-- CUDA graphs: both depformer functions are wrapped in `CUDAGraphed` like `depformer_step`, read their forced
-  tokens from and write their logits to static buffers, and the logits returned are copies, valid after the
-  next step. No branch on tensor values inside a graphed function.
-- Inputs are checked: a wrong shape, dtype or out-of-range forced token raises an error naming the argument,
-  what was expected and what came.
-
-## Tests
-
-Oracles, on small random models (CPU, float32), from `tests/test_step_with_logits.py` of moshi-patch:
-1. teacher-forced equivalence: streaming random codes with every model stream forced gives the logits of
-   `LMModel.forward` on the same codes within 1e-4 (KV context shorter and longer than the sequence, max
-   delay 1 and 2, batch 2, depformer with `multi_linear` and a `weights_per_step_schedule`, a model without
-   depformer, the parallel and the sequential depformer path);
-2. replay equivalence: tokens generated with nothing forced (greedy and sampled), fed to
-   `LMModel.forward`, reproduce the returned logits; same with partial forcing;
-3. parity with `step()`: with nothing forced, the tokens are those of `step()` (greedy, and sampled under
-   the same seed), also when both methods are mixed in one stream;
-4. `set_exec_mask`, `reset_streaming`, CFG mixing (checked by hand), and the error messages.
-
-## Result of running them
-
-Against moshi {rendered.moshi_version} with this patch applied: {result}
+- `forced_tokens`: optional `[B, 1 + dep_q, 1]`, frame `s` of the model's own streams, undelayed as the codes
+  of `LMModel.forward`; `-2` leaves a token to the model (argmax, or sampled as `step()` samples). Returns
+  `None` exactly when `step()` does, then the tokens and logits of frame `s - max_delay`.
+- Design: the stream installs four hooks (text logits, text token, audio logits, audio token), each calling
+  the caller's own hook after it and restored when the stream ends; outside `step_with_logits` they force
+  nothing. Two rings of `max_delay + 1` frames (forced tokens, logits) handle the delays, per batch item, so
+  `reset_streaming` and `set_exec_mask` keep working.
+- Size: +{rendered.added} -{rendered.removed} lines in `moshi/models/lm.py`. flake8 (moshi/setup.cfg): {lint}.
+- Tests: teacher-forced equivalence with `LMModel.forward` (1e-4; KV context shorter and longer than the
+  sequence, max delay 1 and 2, batch 2, multi-linear depformer, weights-per-step schedule, no depformer),
+  replays of generated tokens (greedy, sampled, partial forcing), parity with `step()`, exec mask, reset, CFG,
+  errors: `tests/test_step_with_logits.py` of moshi-patch.
+- {_result(test_run, "Oracle tests")}
 """
 
 
@@ -479,46 +578,58 @@ def _torch_version() -> str:
         return "unknown"
 
 
-def write(rendered: Rendered, out: Path, test_run: TestRun | None = None) -> list[Path]:
-    """Writes the patched lm.py, the patch and PR.md under `out`; returns their paths."""
-    lm_path = out / PATCH_PATH
+def write(rendered: Rendered, out: Path, test_run: TestRun | None = None, lint: str | None = None) -> list[Path]:
+    """Writes one pull request under `out/<folder>`: the patched lm.py, its new files, the patch from the
+    repository root and from the package folder, and PR.md. Returns the paths (the package patch second)."""
+    folder = out / PR_FOLDERS[rendered.name]
+    lm_path = folder / PATCH_PATH
     lm_path.parent.mkdir(parents=True, exist_ok=True)
     lm_path.write_text(rendered.patched)
-    patch_path = out / "step_with_logits.patch"
-    patch_path.write_text(rendered.diff)
-    pr_path = out / "PR.md"
-    pr_path.write_text(pr_markdown(rendered, test_run))
-    return [lm_path, patch_path, pr_path]
+    for name, text in rendered.new_files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    repo_patch, package_patch = folder / f"{rendered.name}.patch", folder / f"{rendered.name}.package.patch"
+    repo_patch.write_text(rendered.repo_diff)
+    package_patch.write_text(rendered.diff)
+    lint = lint if lint is not None else flake8_report(rendered)
+    markdown = hooks_pr_markdown if rendered.name == HOOKS_NAME else pr_markdown
+    pr_path = folder / "PR.md"
+    pr_path.write_text(markdown(rendered, test_run, lint))
+    return [lm_path, package_patch, repo_patch, pr_path]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moshi_patch.upstream", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder to write moshi/models/lm.py, "
-                        "step_with_logits.patch and PR.md into")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the two pull requests into")
     parser.add_argument("--source", type=Path, default=None,
                         help="upstream moshi/models/lm.py to patch (default: the installed one)")
-    parser.add_argument("--run-tests", action="store_true", help="apply the patch to a copy of the installed "
-                        "moshi, run the oracle tests against it and put the result in PR.md")
+    parser.add_argument("--run-tests", action="store_true", help="apply the patches to a copy of the installed "
+                        "moshi, run the tests against it and put the results in PR.md")
     parser.add_argument("-k", dest="select", default=None, help="with --run-tests: pytest -k expression")
     args = parser.parse_args(argv)
     if args.run_tests and args.source is not None:
-        parser.error("--run-tests applies the patch to the installed moshi: do not combine it with --source")
+        parser.error("--run-tests applies the patches to the installed moshi: do not combine it with --source")
     try:
-        rendered = render(args.source)
+        first, second = render_hooks(args.source), render(args.source)
     except UpstreamShapeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    paths = write(rendered, args.out)
-    print(f"rendered from {rendered.source_path} (moshi {rendered.moshi_version}): "
-          f"+{rendered.added} -{rendered.removed} lines")
-    test_run = None
+    paths = write(first, args.out) + write(second, args.out)
+    code = 0
     if args.run_tests:
-        test_run = run_oracle_tests(paths[1], args.select)
-        print(test_run.output if test_run.returncode else test_run.summary)
-        write(rendered, args.out, test_run)
+        hooks_run = run_upstream_test(paths[1])
+        oracle_run = run_oracle_tests([paths[1], paths[5]], args.select)
+        for run in (hooks_run, oracle_run):
+            print(run.output if run.returncode else run.summary)
+            code |= run.returncode != 0
+        write(first, args.out, hooks_run)
+        write(second, args.out, oracle_run)
+    for rendered in (first, second):
+        print(f"{PR_FOLDERS[rendered.name]}: +{rendered.added} -{rendered.removed} lines in {PATCH_PATH}; flake8: "
+              f"{flake8_report(rendered).splitlines()[0]}")
     for path in paths:
         print(f"wrote {path}")
-    return 0 if test_run is None or test_run.returncode == 0 else 1
+    return code
 
 
 if __name__ == "__main__":

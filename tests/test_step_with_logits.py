@@ -59,25 +59,6 @@ def test_teacher_forced_equals_forward(model: str, batch: int, parallel: bool) -
     assert torch.equal(tokens, codes[:, :1 + lm.dep_q])
 
 
-def test_parallel_path_is_used_when_all_audio_is_forced(monkeypatch) -> None:
-    lm = make_lm()
-    calls = {"parallel": 0, "sequential": 0}
-    sequential, parallel = LMGen._depformer_step_with_logits, LMGen._depformer_forced_with_logits
-
-    def count(name, fn):
-        def wrapper(self, *args):
-            calls[name] += 1
-            return fn(self, *args)
-        return wrapper
-
-    monkeypatch.setattr(LMGen, "_depformer_step_with_logits", count("sequential", sequential))
-    monkeypatch.setattr(LMGen, "_depformer_forced_with_logits", count("parallel", parallel))
-    stream_teacher_forced(LMGen(lm, use_sampling=False), random_codes(lm, 2, 10))
-    # Step 0 produces frame -1 of the delayed codebooks (nothing to force) and the flush step forces
-    # nothing: every other step has all its audio forced.
-    assert calls == {"sequential": 2, "parallel": 9}
-
-
 def test_model_without_depformer_matches_forward_text() -> None:
     lm = make_lm(n_q=2, dep_q=0)
     codes = random_codes(lm, 2, 12)
