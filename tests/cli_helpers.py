@@ -25,3 +25,30 @@ def sigterm_after_first_book(argv: list[str], out: Path, timeout: float = 120) -
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, err
+
+
+FAST = ["--threads", "1", "--no-progress"]
+
+
+def make_world(root: Path) -> dict:
+    """The tiny checkpoint and 3 books of different lengths (about 56, 38 and 44 frames), 2 chapters each."""
+    from checkpoint_factory import write_librilight_folder, write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(root / "ckpt")
+    audio = write_librilight_folder(root / "libri", books=3, chapters=2, seconds=[2.5, 2.0, 1.5, 1.5, 3.0, 0.5])
+    return {"root": root, "ckpt": ckpt, "audio": audio, "cache": root / "cache"}
+
+
+def librilight_args(world: dict, out: Path, *extra: str, audio: Path | None = None,
+                    ckpt_args: list[str] | None = None) -> list[str]:
+    return ["librilight", "--audio-dir", str(audio or world["audio"]), "--out", str(out),
+            "--cache-dir", str(world["cache"]), *FAST, *(ckpt_args or world["ckpt"]["cli_args"]), *extra]
+
+
+def results(out: Path) -> dict:
+    import json
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def sequences(out: Path) -> dict:
+    from moshi_eval import report
+    return {p.stem: report.read_sequence(p) for p in sorted((Path(out) / "sequences").glob("*.npz"))}

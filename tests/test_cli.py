@@ -4,9 +4,7 @@ In-process `main([...])` for speed; a subprocess only for the SIGTERM test.
 """
 import argparse
 import csv
-import json
 import os
-from pathlib import Path
 import shutil
 
 import numpy as np
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 from moshi.utils.compile import no_compile
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import sigterm_after_first_book
+from cli_helpers import FAST, librilight_args, make_world, results, sequences, sigterm_after_first_book
 from checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
 from moshi_eval import report
 from moshi_eval.cli import main
@@ -24,30 +22,17 @@ from moshi_eval.codes import encode_book
 from moshi_eval.data import DataError, discover_books
 from moshi_eval.scoring import DEFAULT_CHUNK
 
-FAST = ["--threads", "1", "--no-progress"]
+_results, _npz = results, sequences
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    ckpt = write_tiny_checkpoint(root / "ckpt")
-    # 3 books of different lengths (about 56, 38 and 44 frames), 2 chapters each.
-    audio = write_librilight_folder(root / "libri", books=3, chapters=2, seconds=[2.5, 2.0, 1.5, 1.5, 3.0, 0.5])
-    return {"root": root, "ckpt": ckpt, "audio": audio, "cache": root / "cache"}
+    return make_world(tmp_path_factory.mktemp("cli"))
 
 
 def _run(world, out, *extra, audio=None, ckpt_args=None):
-    args = ["librilight", "--audio-dir", str(audio or world["audio"]), "--out", str(out),
-            "--cache-dir", str(world["cache"]), *FAST, *(ckpt_args or world["ckpt"]["cli_args"]), *extra]
+    args = librilight_args(world, out, *extra, audio=audio, ckpt_args=ckpt_args)
     return main(args), args
-
-
-def _results(out):
-    return json.loads((Path(out) / "results.json").read_text())
-
-
-def _npz(out):
-    return {p.stem: report.read_sequence(p) for p in sorted((Path(out) / "sequences").glob("*.npz"))}
 
 
 def test_librilight_outputs_consistent_and_cache_hit(world, capsys):

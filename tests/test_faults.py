@@ -13,35 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import sigterm_after_first_book
-from checkpoint_factory import tiny_mimi_config, write_librilight_folder, write_tiny_checkpoint
+from cli_helpers import librilight_args, make_world, results, sequences, sigterm_after_first_book
+from checkpoint_factory import tiny_mimi_config, write_librilight_folder
 from moshi_eval import report
 from moshi_eval.cli import main
 from moshi_eval.lock import LOCK_NAME
 
-FAST = ["--threads", "1", "--no-progress"]
+_args, _results, _npz = librilight_args, results, sequences
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    ckpt = write_tiny_checkpoint(root / "ckpt")
-    # Books of about 56, 38 and 44 frames.
-    audio = write_librilight_folder(root / "libri", books=3, chapters=2, seconds=[2.5, 2.0, 1.5, 1.5, 3.0, 0.5])
-    return {"root": root, "ckpt": ckpt, "audio": audio, "cache": root / "cache"}
-
-
-def _args(world, out, *extra, audio=None, ckpt_args=None):
-    return ["librilight", "--audio-dir", str(audio or world["audio"]), "--out", str(out),
-            "--cache-dir", str(world["cache"]), *FAST, *(ckpt_args or world["ckpt"]["cli_args"]), *extra]
-
-
-def _results(out):
-    return json.loads((Path(out) / "results.json").read_text())
-
-
-def _npz(out):
-    return {p.stem: report.read_sequence(p) for p in sorted((Path(out) / "sequences").glob("*.npz"))}
+    return make_world(tmp_path_factory.mktemp("faults"))
 
 
 def _copy_ckpt_args(world, dest: Path) -> tuple[list[str], Path]:
