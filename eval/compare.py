@@ -23,7 +23,7 @@ import numpy as np
 from . import report
 from .bootstrap import (BookResampler, Interval, book_slope_per_1000, book_window_mean, bucket_band,
                         paired_bootstrap)
-from .metrics import frame_mean
+from .metrics import Curve, frame_mean, slope_per_1000
 
 # Scoring options that must match between compared runs (the model is what is compared).
 SCORING_KEYS = ("text", "user_stream", "max_frames", "max_chapters", "first_codebook_weight")
@@ -120,8 +120,7 @@ def compare(runs: list[Run], reference: str, report_at: tp.Sequence[int], half_w
     return out
 
 
-def _curve_slope(curve) -> float | None:
-    from .metrics import slope_per_1000
+def _curve_slope(curve: Curve) -> float | None:
     slope = slope_per_1000(curve)
     return slope.per_1000_frames if slope.present else None
 

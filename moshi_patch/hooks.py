@@ -96,10 +96,3 @@ def hooked_depformer_step(lm_module: types.ModuleType) -> tp.Callable:
     namespace: dict[str, tp.Any] = {}
     exec(code, vars(lm_module), namespace)
     return namespace["depformer_step"]
-
-
-def attribute_values() -> dict[str, None]:
-    """The class attributes of `ATTRIBUTES`, unset."""
-    tree = ast.parse(ATTRIBUTES)
-    return {node.target.id: None for node in tree.body
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
