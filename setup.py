@@ -14,6 +14,28 @@ def _version() -> str:
     raise RuntimeError("__version__ not found in moshi_patch/__init__.py")
 
 
+# The dependencies, as literals: .ci/run keys its cached environment on them (not on the rest of this file).
+INSTALL_REQUIRES = [
+    # moshi_patch: 0.2.9 to 0.2.13, moshi_eval: 0.2.12 to 0.2.13 (tests/moshi_matrix.py, moshi_patch/compat.py)
+    "moshi>=0.2.9,<=0.2.13",
+    "torch>=2.2,<2.10",
+    "numpy",
+    "einops",
+    "sentencepiece",
+    "sphn",
+    "safetensors",
+    "tqdm",
+    "matplotlib",
+]
+EXTRAS_REQUIRE = {
+    # Loggers for `moshi-eval ... --wandb / --tensorboard` and `moshi_eval.loggers`.
+    "wandb": ["wandb"],
+    "tensorboard": ["tensorboard"],
+    # flake8: upstream's linter, for the upstream PR tests; the loggers, to test them offline.
+    "test": ["pytest", "flake8", "wandb", "tensorboard"],
+}
+
+
 setup(
     name="moshi-patch",
     version=_version(),
@@ -25,18 +47,7 @@ setup(
     packages=["moshi_patch", "moshi_eval"],
     package_dir={"moshi_patch": "moshi_patch", "moshi_eval": "eval"},
     package_data={"moshi_eval": ["assets/*"], "moshi_patch": ["pr_tests/*.py"]},
-    install_requires=[
-        # moshi_patch: 0.2.9 to 0.2.13, moshi_eval: 0.2.12 to 0.2.13 (tests/moshi_matrix.py, moshi_patch/compat.py)
-        "moshi>=0.2.9,<=0.2.13",
-        "torch>=2.2,<2.10",
-        "numpy",
-        "einops",
-        "sentencepiece",
-        "sphn",
-        "safetensors",
-        "tqdm",
-        "matplotlib",
-    ],
-    extras_require={"test": ["pytest", "flake8"]},  # flake8: upstream's linter, for the upstream PR tests
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["moshi-eval = moshi_eval.cli:main"]},
 )
