@@ -19,6 +19,7 @@ import sys
 import typing as tp
 
 from . import check as check_module
+from . import loggers
 from . import compare as compare_module
 from . import report
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
@@ -118,6 +119,35 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
                              f"{threads or 'torch default'}). Small models on a CPU run fastest on 1 thread")
 
 
+def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wandb", default=None, metavar="PROJECT[/RUN]",
+                        help="log the metrics and the curve to this Weights & Biases project (and run name) at "
+                             "the end (needs: pip install 'moshi-patch[wandb]'; WANDB_MODE=offline works)")
+    parser.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                        help="log the metrics and the curve plot to a TensorBoard event file in DIR at the end "
+                             "(needs: pip install 'moshi-patch[tensorboard]')")
+    parser.add_argument("--log-step", type=_non_negative_int, default=None,
+                        help="step of the logged values (default: NNNNNN of a --checkpoint-dir checkpoint_NNNNNN, "
+                             "else 0)")
+
+
+def _eval_and_log(job: EvalJob, args: argparse.Namespace) -> int:
+    """`run_eval`, then (rank 0, a finished run) the results to --wandb / --tensorboard. A missing logging
+    package stops the command before anything is scored."""
+    if args.wandb is not None:
+        loggers.require("wandb", "--wandb")
+        loggers.parse_wandb_target(args.wandb)
+    if args.tensorboard is not None:
+        loggers.require("tensorboard", "--tensorboard")
+    code = run_eval(job)
+    logging = args.wandb is not None or args.tensorboard is not None
+    if code == 0 and logging and os.environ.get("RANK", "0") == "0":   # rank 0 wrote the results
+        step = args.log_step if args.log_step is not None else loggers.checkpoint_step(
+            getattr(args, "checkpoint_dir", None))
+        loggers.log_run(job.out, args.wandb, args.tensorboard, step)
+    return code
+
+
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=_non_negative_int, default=DEFAULT_RESAMPLES,
                         help=f"bootstrap resamples of the books for the intervals (default {DEFAULT_RESAMPLES}; "
@@ -139,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LibriLight layout root: <root>/<speaker>/<book>/<chapter>.flac (+ .json)")
     add_checkpoint_arguments(libri)
     _add_scoring_arguments(libri, DEFAULT_REPORT_AT, DEFAULT_HALF_WINDOW, DEFAULT_BUCKET, batch_size=4)
+    _add_logging_arguments(libri)
     libri.set_defaults(func=run_librilight)
 
     demo = subparsers.add_parser("demo", help="the librilight job on embedded defaults (no download)",
@@ -147,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "weights: the numbers show the plumbing, not a trained model).")
     # The demo model is tiny: intra-op threads only add synchronization (7x slower on a busy 2-core box).
     _add_scoring_arguments(demo, (125, 250, 500), 25, 100, batch_size=2, threads=1)
+    _add_logging_arguments(demo)
     demo.add_argument("--seed", type=int, default=0, help="seed of the demo model and codec")
     demo.set_defaults(func=run_demo)
 
@@ -222,7 +254,7 @@ def run_librilight(args: argparse.Namespace) -> int:
     job = EvalJob(argv=run.argv, out=run.out, audio_dir=tp.cast(Path, config.audio_dir),
                   select=lambda: select_librilight_books(config), load=resolved.load, identity=resolved.identity,
                   config=config, run=run, hasher=hasher)
-    return run_eval(job)
+    return _eval_and_log(job, args)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -243,7 +275,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     job = EvalJob(argv=run.argv, out=run.out, audio_dir=audio_dir, select=select, load=load,
                   identity=identity, config=config, run=run, hasher=_hasher(run))
-    return run_eval(job)
+    return _eval_and_log(job, args)
 
 
 def run_check_streaming(args: argparse.Namespace) -> int:
@@ -278,8 +310,8 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ConfigError, report.ReportError, UsageError, NonFiniteLossError,
-            OutputBusyError, compare_module.CompareError) as exc:
+    except (DataError, CheckpointError, ConfigError, loggers.LoggerError, report.ReportError, UsageError,
+            NonFiniteLossError, OutputBusyError, compare_module.CompareError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
