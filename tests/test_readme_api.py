@@ -37,3 +37,29 @@ def test_training_loop_example_logs_the_demo_numbers(tmp_path, monkeypatch):
     assert logged[1][0]["librilight/audio_ce"] != demo["librilight/audio_ce"]     # trained in between
     written = json.loads((tmp_path / "demo_api_out" / "results.json").read_text())
     assert flat_metrics(written["metrics"]) == logged[1][0]
+
+
+def test_chunked_call_example_gives_forward_logits():
+    """The README's chunked `step_with_logits` loop (chunks of 32 frames) on 70 frames, past a 24-frame
+    context: its audio logits are those of `LMModel.forward` on the same codes."""
+    import torch
+    from moshi.utils.compile import no_compile
+    from lm_factory import make_lm
+    from moshi_eval.check import random_codes
+    from moshi_patch import LMGen
+
+    text = README.read_text()
+    start = text.index("### Chunks of frames")
+    block = re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+    torch.manual_seed(0)
+    lm_model = make_lm(context=24).eval()
+    codes = random_codes(lm_model, 2, 70, seed=1)
+    namespace = {"torch": torch, "lm_model": lm_model, "codes": codes, "lm_gen": LMGen(lm_model, use_sampling=False),
+                 "B": 2, "T": 70, "dep_q": lm_model.dep_q}
+    with torch.no_grad(), no_compile():
+        exec(compile(block, str(README), "exec"), namespace)
+        reference = lm_model(codes)
+    streamed = namespace["audio_logits"]
+    assert streamed.shape == reference.logits.shape
+    mask = reference.mask[..., None].expand_as(streamed)
+    torch.testing.assert_close(streamed[mask], reference.logits[mask], atol=1e-4, rtol=0)
