@@ -179,3 +179,15 @@ def test_config_field_names_match_cli_flags():
     defaults = LibriLightConfig(audio_dir="x")
     for name in names - {"audio_dir"}:
         assert getattr(defaults, name) == getattr(args, name), name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_model_keeps_its_device_and_dtype(world, device):
+    lm, mimi, _ = load_tiny_checkpoint(world["ckpt"], dtype=torch.bfloat16)
+    lm = lm.to(device)
+    evaluator = LibriLightEvaluator(mimi, _config(world, bootstrap=0, max_frames=20), use_cache=False)
+    result = evaluator(lm)
+    assert {(p.device.type, p.dtype) for p in lm.parameters()} == {(device, torch.bfloat16)}
+    assert all(np.isfinite(v) for v in result.metrics.values()) and result.metrics["librilight/num_books"] == 3
+    assert {a["audio_ce"].dtype for a in result.sequences.values()} == {np.dtype(np.float32)}
