@@ -232,11 +232,14 @@ class LibriLightEvaluator:
         # `_encode` reads only `mimi` of the checkpoint; the codebook count is checked against the model at
         # each call (`check_codec_fits`).
         codec_only = LoadedCheckpoint(tp.cast(tp.Any, _CodecOnly(mimi.num_codebooks)), mimi, None)
-        self._mine = _encode(mine, codec_only, self.cache, config, skipped, self.ranks, not progress)
+        error: Exception | None = None
+        try:
+            self._mine = _encode(mine, codec_only, self.cache, config, skipped, self.ranks, not progress)
+            self._silence = silence_codes(mimi, SILENCE_FRAMES) if config.user_stream == "silence" else None
+        except Exception as exc:    # every rank learns it (else the others would wait for this one forever)
+            error = exc
+        _raise_if_any_failed(self.ranks, error, "encoding the books")
         self.encode_seconds = time.perf_counter() - start
-        self._silence = None
-        if config.user_stream == "silence":
-            self._silence = silence_codes(mimi, SILENCE_FRAMES)
         # The batches as scored (books left out removed), every rank's: recorded with each book's file.
         mine_ids = [[b.sequence_id for b in batch] for batch in self._mine]
         all_ids = [batch for ids in self.ranks.gather(mine_ids) for batch in ids]
@@ -255,7 +258,9 @@ class LibriLightEvaluator:
 
         Raises:
             TypeError: not a moshi LMModel; ValueError: the model is streaming already;
-            CheckpointError: the codec does not fit the model; NonFiniteLossError: a NaN/inf loss.
+            CheckpointError: the codec does not fit the model; NonFiniteLossError: a NaN/inf loss;
+            RankFailedError: under torch.distributed, another rank failed (its error is named): every rank
+            raises, none waits forever.
         """
         if not isinstance(lm_model, LMModel):
             raise TypeError(f"lm_model: expected a moshi LMModel, got {type(lm_model).__name__} (for an FSDP or "
@@ -268,6 +273,8 @@ class LibriLightEvaluator:
         modes = [(module, module.training) for module in lm_model.modules()]
         start = time.perf_counter()
         arrays: dict[str, dict[str, np.ndarray]] = {}
+        chunks: dict = {}
+        error: Exception | None = None
         try:
             lm_model.eval()
             lm_gen = LMGen(lm_model, use_sampling=False)
@@ -287,9 +294,12 @@ class LibriLightEvaluator:
                     for result in results:
                         arrays[batch[result.index].sequence_id] = result.arrays()
             chunks = chunk_summary(lm_gen)
+        except Exception as exc:    # every rank learns it (else the others would wait for this one forever)
+            error = exc
         finally:
             for module, training in modes:
                 module.training = training
+        _raise_if_any_failed(self.ranks, error, "scoring")
         seconds = time.perf_counter() - start
         frames = sum(int(a["audio_ce"].shape[0]) for a in arrays.values())
         cache = None if self.cache is None else {"dir": str(self.cache.root), "hits": self.cache.hits,
@@ -312,10 +322,29 @@ class LibriLightEvaluator:
         return [b.sequence_id for b in self._books if b.book in self.books]
 
 
+class RankFailedError(RuntimeError):
+    """Another rank of the caller's process group failed during a collective step of the evaluator."""
+
+
+def _raise_if_any_failed(ranks: distributed.Ranks, error: Exception | None, what: str) -> None:
+    """Raise `error` on its rank and a RankFailedError naming it on the others (one process: `error`)."""
+    if not ranks.active:
+        if error is not None:
+            raise error
+        return
+    messages = ranks.gather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RankFailedError(f"{ranks.tag}rank {rank} failed while {what}: {message}")
+
+
 @dataclass
 class _CodecOnly:
     """Stands for the model while encoding: `run._encode` reads only its `dep_q` (the codebooks kept)."""
     dep_q: int
 
 
-__all__ = ["EvalResult", "LibriLightEvaluator", "caller_ranks", "default_cache_dir", "flat_metrics"]
+__all__ = ["EvalResult", "LibriLightEvaluator", "RankFailedError", "caller_ranks", "default_cache_dir", "flat_metrics"]

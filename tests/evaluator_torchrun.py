@@ -28,7 +28,19 @@ def main() -> None:
     dist.all_reduce(total)                # the group is still usable
     flat = {f"{sid}|{name}": value for sid, arrays in result.sequences.items() for name, value in arrays.items()}
     np.savez(out / f"rank{rank}.npz", **flat)
-    summary = {"metrics": result.metrics, "mine": mine, "initialized": still, "all_reduce": total.item()}
+    # A failure on one rank (NaN weights on rank 1) is raised on every rank: none waits forever.
+    if rank == 1:
+        with torch.no_grad():
+            for p in lm.parameters():
+                p.fill_(float("nan"))
+    try:
+        evaluator(lm)
+        failure = None
+    except Exception as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+    dist.all_reduce(total)
+    summary = {"metrics": result.metrics, "mine": mine, "initialized": still, "all_reduce": total.item(),
+               "failure": failure}
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
     dist.destroy_process_group()
 

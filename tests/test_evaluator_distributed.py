@@ -1,5 +1,6 @@
 """The evaluator inside a `torchrun` job (2 CPU processes, gloo) whose script initialised the process group:
-each rank scores its share, every rank returns the metrics of one process, the group is left usable."""
+each rank scores its share, every rank returns the metrics of one process, the group is left usable, and a
+failure on one rank is raised on every rank."""
 import json
 import os
 from pathlib import Path
@@ -45,9 +46,11 @@ def test_ranks_share_the_books_and_get_one_process_metrics(tmp_path):
     assert sorted(ranks[0]["mine"] + ranks[1]["mine"]) == sorted(alone.sequences)
     for r in range(2):
         assert ranks[r]["metrics"] == alone.metrics
-        assert ranks[r]["initialized"] and ranks[r]["all_reduce"] == 3.0
+        assert ranks[r]["initialized"] and ranks[r]["all_reduce"] == 6.0     # 3, then summed again
         with np.load(out / f"rank{r}.npz") as arrays:
             assert len(arrays.files) == 4 * len(alone.sequences)
             for key in arrays.files:
                 sid, name = key.split("|")
                 np.testing.assert_array_equal(arrays[key], alone.sequences[sid][name])
+    assert ranks[1]["failure"].startswith("NonFiniteLossError")
+    assert ranks[0]["failure"].startswith("RankFailedError") and "rank 1 failed while scoring" in ranks[0]["failure"]
