@@ -23,6 +23,7 @@ from moshi_patch.chunking import MultiFrameStreamingError
 from moshi_patch.ttt import add_ttt_layers
 
 from .checkpoint import CheckpointError, add_checkpoint_arguments, load_checkpoint, resolve_device, resolve_dtype
+from .config import ModelSource
 from .demo import demo_lm
 
 # Default tolerance on |logit difference| per model dtype. float32: streaming and forward agree to ~1e-6,
@@ -251,18 +252,49 @@ def add_parser(subparsers: tp.Any) -> None:
     parser.add_argument("--chunk", type=int, default=1,
                         help="frames per step_with_logits call (default 1); with N > 1 the chunked logits are "
                              "also compared with the one-frame path (what `librilight --chunk N` relies on)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (torch.set_num_threads; default: torch's default)")
     # float32 by default on every device (the checkpoint loader would pick bfloat16 on a GPU): at 1e-4 a
-    # real divergence is not hidden by half-precision rounding.
-    parser.set_defaults(func=run_check_streaming, dtype="float32")
+    # real divergence is not hidden by half-precision rounding. The command line (cli.py) builds a
+    # `CheckStreamingConfig` from these arguments and calls `run_check_streaming`.
+    parser.set_defaults(dtype="float32")
 
 
-def run_check_streaming(args: argparse.Namespace) -> int:
+@dataclass
+class CheckStreamingConfig(ModelSource):
+    """`moshi-eval check-streaming`'s options: the checkpoint (`ModelSource`), or the seeded `demo` model,
+    optionally with TTT layers inserted; then `check_streaming`'s arguments and torch CPU `threads`."""
+    demo: bool = False
+    ttt_layers: list[int] | None = None
+    mini_batch_size: int = 16
+    frames: int = 64
+    batch_size: int = 2
+    tolerance: float | None = None
+    seed: int = 0
+    chunk: int = 1
+    threads: int | None = None
+
+
+def run_check_streaming(args: CheckStreamingConfig) -> int:
     """`check-streaming` entry point: prints the table and the verdict. Returns 0 if consistent, 1 if not
     (or if `--chunk N` meets a streaming module that cannot take several frames per call), 2 on a usage
     error (the message goes to stderr)."""
     def usage_error(message: str) -> int:
         print(f"moshi-eval check-streaming: error: {message}", file=sys.stderr)
         return 2
+
+    if args.threads is not None and args.threads < 1:
+        return usage_error(f"--threads must be >= 1, got {args.threads}.")
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run_check_streaming(args, usage_error)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_check_streaming(args: CheckStreamingConfig, usage_error: tp.Callable[[str], int]) -> int:
 
     for name in ("frames", "batch_size", "mini_batch_size", "chunk"):
         if getattr(args, name) < 1:

@@ -17,6 +17,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_lora_with_linear
 from safetensors.torch import load_file
 
+from .config import ModelSource
 from .hashing import FileHasher
 
 
@@ -263,7 +264,7 @@ def _checkpoint_dir_files(folder: Path) -> dict[str, Path]:
     return {"config": config, "lora": lora} if lora.is_file() else {"config": config, "moshi": merged}
 
 
-def resolve_checkpoint(args: argparse.Namespace, hasher: FileHasher | None = None) -> ResolvedCheckpoint:
+def resolve_checkpoint(args: ModelSource, hasher: FileHasher | None = None) -> ResolvedCheckpoint:
     """Locate the checkpoint files (downloading from the hub if a repo is given) without loading them.
 
     The identity holds each weight file's path, size, mtime and sha256 (`hasher` caches the digests).
@@ -325,7 +326,7 @@ def resolve_checkpoint(args: argparse.Namespace, hasher: FileHasher | None = Non
     return ResolvedCheckpoint(info, device, dtype, identity, fuse_lora=fuse)
 
 
-def load_checkpoint(args: argparse.Namespace) -> LoadedCheckpoint:
+def load_checkpoint(args: ModelSource) -> LoadedCheckpoint:
     """The LM (eval mode), Mimi and text tokenizer named by the checkpoint arguments."""
     return resolve_checkpoint(args).load()
 

@@ -19,10 +19,12 @@ import sys
 import typing as tp
 
 from . import check as check_module
+from . import loggers
 from . import compare as compare_module
 from . import report
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
+from .config import ConfigError, LibriLightConfig, ModelSource, RunConfig, from_values
 from .distributed import from_environment, rank_device
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .hashing import FileHasher
@@ -117,6 +119,35 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
                              f"{threads or 'torch default'}). Small models on a CPU run fastest on 1 thread")
 
 
+def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wandb", default=None, metavar="PROJECT[/RUN]",
+                        help="log the metrics and the curve to this Weights & Biases project (and run name) at "
+                             "the end (needs: pip install 'moshi-patch[wandb]'; WANDB_MODE=offline works)")
+    parser.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                        help="log the metrics and the curve plot to a TensorBoard event file in DIR at the end "
+                             "(needs: pip install 'moshi-patch[tensorboard]')")
+    parser.add_argument("--log-step", type=_non_negative_int, default=None,
+                        help="step of the logged values (default: NNNNNN of a --checkpoint-dir checkpoint_NNNNNN, "
+                             "else 0)")
+
+
+def _eval_and_log(job: EvalJob, args: argparse.Namespace) -> int:
+    """`run_eval`, then (rank 0, a finished run) the results to --wandb / --tensorboard. A missing logging
+    package stops the command before anything is scored."""
+    if args.wandb is not None:
+        loggers.require("wandb", "--wandb")
+        loggers.parse_wandb_target(args.wandb)
+    if args.tensorboard is not None:
+        loggers.require("tensorboard", "--tensorboard")
+    code = run_eval(job)
+    logging = args.wandb is not None or args.tensorboard is not None
+    if code == 0 and logging and os.environ.get("RANK", "0") == "0":   # rank 0 wrote the results
+        step = args.log_step if args.log_step is not None else loggers.checkpoint_step(
+            getattr(args, "checkpoint_dir", None))
+        loggers.log_run(job.out, args.wandb, args.tensorboard, step)
+    return code
+
+
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=_non_negative_int, default=DEFAULT_RESAMPLES,
                         help=f"bootstrap resamples of the books for the intervals (default {DEFAULT_RESAMPLES}; "
@@ -138,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LibriLight layout root: <root>/<speaker>/<book>/<chapter>.flac (+ .json)")
     add_checkpoint_arguments(libri)
     _add_scoring_arguments(libri, DEFAULT_REPORT_AT, DEFAULT_HALF_WINDOW, DEFAULT_BUCKET, batch_size=4)
+    _add_logging_arguments(libri)
     libri.set_defaults(func=run_librilight)
 
     demo = subparsers.add_parser("demo", help="the librilight job on embedded defaults (no download)",
@@ -146,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "weights: the numbers show the plumbing, not a trained model).")
     # The demo model is tiny: intra-op threads only add synchronization (7x slower on a busy 2-core box).
     _add_scoring_arguments(demo, (125, 250, 500), 25, 100, batch_size=2, threads=1)
+    _add_logging_arguments(demo)
     demo.add_argument("--seed", type=int, default=0, help="seed of the demo model and codec")
     demo.set_defaults(func=run_demo)
 
@@ -166,10 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=run_compare)
 
     check_module.add_parser(subparsers)
+    subparsers.choices["check-streaming"].set_defaults(func=run_check_streaming)
     return parser
 
 
-def select_librilight_books(args: argparse.Namespace) -> list[Book]:
+def select_librilight_books(args: LibriLightConfig) -> list[Book]:
     """The first `--num-books` books (cut to `--max-chapters`) that can reach `--min-frames`.
 
     The length filter runs before counting the books and before encoding, on the durations of the file
@@ -177,7 +211,7 @@ def select_librilight_books(args: argparse.Namespace) -> list[Book]:
     ones. The exact frame count is checked again after encoding. A book whose header cannot be read is
     kept: its encoding reports it (skipped and listed, or the run fails with --strict).
     """
-    books = select_books(discover_books(args.audio_dir), None, args.max_chapters)
+    books = select_books(discover_books(tp.cast(Path, args.audio_dir)), None, args.max_chapters)
     if args.min_frames is None:
         return books[:args.num_books]
     min_seconds = args.min_frames / MIMI_FRAME_RATE
@@ -199,40 +233,53 @@ def select_librilight_books(args: argparse.Namespace) -> list[Book]:
     return chosen
 
 
-def _hasher(args: argparse.Namespace) -> FileHasher:
+def _hasher(args: RunConfig) -> FileHasher:
     """Content hashes of weights and chapters, cached beside the code cache (none with --no-cache)."""
-    return FileHasher(None if args.no_cache else args.cache_dir / "hashes")
+    return FileHasher(None if args.no_cache else tp.cast(Path, args.cache_dir) / "hashes")
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The `RunConfig` of parsed arguments (the default code cache filled in)."""
+    run = from_values(RunConfig, args)
+    run.cache_dir = run.cache_dir or default_cache_dir()
+    return run
 
 
 def run_librilight(args: argparse.Namespace) -> int:
-    args.cache_dir = args.cache_dir or default_cache_dir()
-    args.device = rank_device(args.device, from_environment())   # cuda:LOCAL_RANK under torchrun
-    hasher = _hasher(args)
-    resolved = resolve_checkpoint(args, hasher)
-    job = EvalJob(argv=args.argv, out=args.out, audio_dir=args.audio_dir,
-                  select=lambda: select_librilight_books(args), load=resolved.load, identity=resolved.identity,
-                  args=args, hasher=hasher)
-    return run_eval(job)
+    config, run = from_values(LibriLightConfig, args), run_config(args)
+    source = from_values(ModelSource, args)
+    source.device = rank_device(source.device, from_environment())   # cuda:LOCAL_RANK under torchrun
+    hasher = _hasher(run)
+    resolved = resolve_checkpoint(source, hasher)
+    job = EvalJob(argv=run.argv, out=run.out, audio_dir=tp.cast(Path, config.audio_dir),
+                  select=lambda: select_librilight_books(config), load=resolved.load, identity=resolved.identity,
+                  config=config, run=run, hasher=hasher)
+    return _eval_and_log(job, args)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from . import demo
-    args.cache_dir = args.cache_dir or default_cache_dir()
-    audio_dir = args.out / "demo_audio" / "librilight_demo"   # where `demo_audiobook` puts it
+    run = run_config(args)
+    audio_dir = run.out / "demo_audio" / "librilight_demo"   # where `demo_audiobook` puts it
+    config = from_values(LibriLightConfig, dict(vars(args), audio_dir=audio_dir))
     identity = {"demo": True, "seed": args.seed, "lm_kwargs": demo.DEMO_LM_KWARGS,
                 "mimi_config": demo.DEMO_MIMI_CONFIG, "dtype": "float32"}
 
     def select() -> list[Book]:
         # Written once --out is locked and its configuration checked: never into a foreign --out.
         demo.demo_audiobook(audio_dir.parent)
-        return select_books(discover_books(audio_dir), args.num_books, args.max_chapters)
+        return select_books(discover_books(audio_dir), config.num_books, config.max_chapters)
 
     def load() -> LoadedCheckpoint:
         return LoadedCheckpoint(demo.demo_lm(args.seed), demo.demo_mimi(args.seed), None, identity)
 
-    job = EvalJob(argv=args.argv, out=args.out, audio_dir=audio_dir, select=select, load=load,
-                  identity=identity, args=args, hasher=_hasher(args))
-    return run_eval(job)
+    job = EvalJob(argv=run.argv, out=run.out, audio_dir=audio_dir, select=select, load=load,
+                  identity=identity, config=config, run=run, hasher=_hasher(run))
+    return _eval_and_log(job, args)
+
+
+def run_check_streaming(args: argparse.Namespace) -> int:
+    return check_module.run_check_streaming(from_values(check_module.CheckStreamingConfig, args))
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -263,8 +310,8 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (DataError, CheckpointError, report.ReportError, UsageError, NonFiniteLossError,
-            OutputBusyError, compare_module.CompareError) as exc:
+    except (DataError, CheckpointError, ConfigError, loggers.LoggerError, report.ReportError, UsageError,
+            NonFiniteLossError, OutputBusyError, compare_module.CompareError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

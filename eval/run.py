@@ -11,7 +11,6 @@ No result is lost or mixed:
 - each book is written atomically as soon as it is scored; SIGTERM / Ctrl-C stop between two calls and
   print the command that resumes.
 """
-import argparse
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 import datetime
@@ -34,6 +33,7 @@ from moshi_patch import LMGen
 
 from . import distributed, report
 from .checkpoint import LoadedCheckpoint, check_codec_fits
+from .config import LibriLightConfig, RunConfig
 from .codes import CodeCache, codec_identity, encode_book, silence_codes
 from .data import AudioReadError, Book, DataError, book_seconds
 from .hashing import FileHasher
@@ -63,7 +63,8 @@ class EvalJob:
     select: tp.Callable[[], list[Book]]       # the books, called once --out is locked and checked
     load: tp.Callable[[], LoadedCheckpoint]   # loads the model and codec (after the config check)
     identity: dict                             # model identity (for the config and results.json)
-    args: argparse.Namespace
+    config: LibriLightConfig                   # the books' options, scoring and report
+    run: RunConfig                             # --out, code cache, threads, progress
     hasher: FileHasher = field(default_factory=FileHasher)
     extra_config: dict = field(default_factory=dict)
 
@@ -75,7 +76,7 @@ def scoring_config(job: EvalJob) -> dict:
     finished book's numbers, so a run can be extended or re-reported in place. The batch size and device
     are recorded with each book.
     """
-    a = job.args
+    a = job.config
     return {
         "audio_dir": os.fsdecode(job.audio_dir.resolve()),
         "model": job.identity,
@@ -127,8 +128,8 @@ def run_eval(job: EvalJob) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     threads = torch.get_num_threads()
-    if job.args.threads is not None:
-        torch.set_num_threads(job.args.threads)
+    if job.run.threads is not None:
+        torch.set_num_threads(job.run.threads)
     ranks = distributed.from_environment()
     try:
         _check_usage(job)
@@ -165,7 +166,7 @@ def _open_output(job: EvalJob, ranks: distributed.Ranks, stack: ExitStack) -> bo
 
 
 def _check_usage(job: EvalJob) -> None:
-    args, out = job.args, job.out
+    args, out = job.config, job.out
     if args.min_frames is not None and args.max_frames is not None and args.min_frames > args.max_frames:
         raise UsageError(f"--min-frames {args.min_frames} is larger than --max-frames {args.max_frames}: "
                          "no book could be scored.")
@@ -202,7 +203,7 @@ class _RankReport:
 
 
 def _run(job: EvalJob, ranks: distributed.Ranks, resumed: bool) -> int:
-    args = job.args
+    args, run = job.config, job.run
     start_time = time.perf_counter()
     books = [_Book(b, b.sequence_id) for b in job.select()]
     _check_unique_ids(books, job.audio_dir)
@@ -213,10 +214,10 @@ def _run(job: EvalJob, ranks: distributed.Ranks, resumed: bool) -> int:
     check_codec_fits(ckpt.lm_model, ckpt.mimi)
     _resume([b for batch in mine for b in batch], job, resumed, ranks)
     todo = [batch for batch in mine if any(b.finished is None for b in batch)]
-    cache = None if args.no_cache else CodeCache(args.cache_dir, codec_identity(ckpt.mimi))
+    cache = None if run.no_cache else CodeCache(tp.cast(Path, run.cache_dir), codec_identity(ckpt.mimi))
     skipped: list[dict] = []
     encode_start = time.perf_counter()
-    todo = _encode(todo, ckpt, cache, args, skipped, ranks)
+    todo = _encode(todo, ckpt, cache, args, skipped, ranks, run.no_progress)
     encode_seconds = time.perf_counter() - encode_start
     lm_gen = LMGen(ckpt.lm_model, use_sampling=False)
     score_start = time.perf_counter()
@@ -273,13 +274,14 @@ def _resume(books: list[_Book], job: EvalJob, resumed: bool, ranks: distributed.
 
 
 def _encode(batches: list[list[_Book]], ckpt: LoadedCheckpoint, cache: CodeCache | None,
-            args: argparse.Namespace, skipped: list[dict], ranks: distributed.Ranks) -> list[list[_Book]]:
+            args: LibriLightConfig, skipped: list[dict], ranks: distributed.Ranks,
+            no_progress: bool = False) -> list[list[_Book]]:
     """Mimi codes of the books of `batches` (cached on disk by content and codec). Unreadable books and books
     shorter than --min-frames go to `skipped` and leave their batch. Returns the batches left."""
     books = [b for batch in batches for b in batch]
     kept: set[int] = set()
     with tqdm(total=sum(len(b.book.chapters) for b in books), unit="chapter", desc=f"{ranks.tag}encoding",
-              disable=args.no_progress or not books or not ranks.is_main, dynamic_ncols=True) as bar:
+              disable=no_progress or not books or not ranks.is_main, dynamic_ncols=True) as bar:
         for b in books:
             try:
                 b.codes = encode_book(ckpt.mimi, b.book, cache, num_codebooks=ckpt.lm_model.dep_q,
@@ -308,7 +310,7 @@ def _estimated_frames(book: Book, max_frames: int | None) -> int:
     return min(frames, max_frames) if max_frames else frames
 
 
-def _batches(books: list[_Book], args: argparse.Namespace) -> list[list[_Book]]:
+def _batches(books: list[_Book], args: LibriLightConfig) -> list[list[_Book]]:
     """Batches of books of similar length (few frames streamed past the shorter ones), formed over the whole
     selection from the file headers, finished books included: a book is scored in the same batch whether
     the run is resumed or not, and whatever the number of processes, so its numbers are bitwise the same."""
@@ -320,7 +322,7 @@ def _batches(books: list[_Book], args: argparse.Namespace) -> list[list[_Book]]:
 
 def _score(batches: list[list[_Book]], lm_gen: LMGen, mimi: tp.Any, job: EvalJob, ranks: distributed.Ranks) -> int:
     """Scores each batch; writes its books not finished yet. Returns the frames written."""
-    args, out = job.args, job.out
+    args, out = job.config, job.out
     lm_model = lm_gen.lm_model
     silence = None
     if args.user_stream == "silence":
@@ -329,7 +331,7 @@ def _score(batches: list[list[_Book]], lm_gen: LMGen, mimi: tp.Any, job: EvalJob
                 for batch in batches for b in batch if b.finished is None and b.codes is not None)
     written = 0
     with tqdm(total=total, unit="frame", desc=f"{ranks.tag}scoring", dynamic_ncols=True, smoothing=0.05,
-              disable=args.no_progress or not total or not ranks.is_main) as bar:
+              disable=job.run.no_progress or not total or not ranks.is_main) as bar:
         for batch in batches:
             results = score_sequences(
                 lm_gen, [b.codes for b in batch], sequence_ids=[b.sequence_id for b in batch],
@@ -368,7 +370,7 @@ def chunk_summary(lm_gen: LMGen) -> dict:
             "text_guesses_accepted": stats.guesses_right, "text_guess_accepted_share": stats.guess_accuracy}
 
 
-def _metrics(sequences: dict[str, dict[str, np.ndarray]], args: argparse.Namespace) -> dict:
+def _metrics(sequences: dict[str, dict[str, np.ndarray]], args: LibriLightConfig) -> dict:
     """`metrics.summarize` of each loss, with bootstrap intervals over books unless `--bootstrap 0`."""
     def summary(values: list[np.ndarray]) -> dict:
         result = summarize(values, args.report_at, args.report_window, args.bucket).to_dict()
@@ -389,7 +391,7 @@ def _metrics(sequences: dict[str, dict[str, np.ndarray]], args: argparse.Namespa
 def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], reports: list[_RankReport],
                    start_time: float) -> None:
     """`results.json`, `curve.csv` and `curve.png`, rebuilt from every finished book of the selection."""
-    args, out = job.args, job.out
+    args, out = job.config, job.out
     lm_model, mimi = ckpt.lm_model, ckpt.mimi
     frame_rate = float(mimi.frame_rate)
     skipped = [entry for r in reports for entry in r.skipped]

@@ -1,0 +1,163 @@
+"""Metrics and the loss curve to Weights & Biases or TensorBoard, from the API or the command line.
+
+From a training loop (`result` an `EvalResult` of `LibriLightEvaluator`):
+
+    moshi_eval.loggers.log_wandb(result, step=step)              # into the active wandb run (wandb.init first)
+    moshi_eval.loggers.log_tensorboard(writer, result, step=step)  # a torch.utils.tensorboard.SummaryWriter
+
+or, without these helpers, `wandb.log(result.metrics, step=step)` /
+`for k, v in result.metrics.items(): writer.add_scalar(k, v, step)`.
+
+Logged: every metric of `result.metrics` under its name (`librilight/audio_ce@8000`, ...), and the curve:
+to W&B a table `librilight/curve` (bucket centre in frames and minutes, bucket mean of audio_ce, books reaching
+it) and the curve plot `librilight/curve_plot`; to TensorBoard the curve plot as the image `librilight/curve`.
+The command line logs the same with `--wandb PROJECT[/RUN]` and `--tensorboard DIR`.
+
+wandb and tensorboard are optional: `pip install 'moshi-patch[wandb]'` / `pip install 'moshi-patch[tensorboard]'`.
+"""
+import importlib
+import io
+import json
+from pathlib import Path
+import re
+import typing as tp
+
+import numpy as np
+
+from . import report
+
+INSTALL = {"wandb": "pip install 'moshi-patch[wandb]'  (or: pip install wandb)",
+           "tensorboard": "pip install 'moshi-patch[tensorboard]'  (or: pip install tensorboard)"}
+
+
+class LoggerError(ValueError):
+    """A logger that cannot be used: its package is missing, or a bad `--wandb` value."""
+
+
+def require(package: str, flag: str) -> tp.Any:
+    """Import `package` ("wandb" or "tensorboard"), or raise LoggerError naming `flag` and the pip command."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise LoggerError(f"{flag} needs the {package} package, which is not installed in this environment "
+                          f"({exc}): {INSTALL[package]}") from exc
+
+
+def curve_rows(summary: dict, frame_rate: float) -> list[list[float]]:
+    """The audio_ce curve as rows [bucket centre (frames), minutes, bucket mean, fewest books reaching it],
+    from the nested metrics (`EvalResult.summary`, results.json's "metrics")."""
+    rows = []
+    for bucket in summary["audio_ce"]["buckets"]:
+        centre = bucket["start"] + bucket["frames"] / 2
+        rows.append([centre, centre / frame_rate / 60, bucket["mean"], bucket["min_count"]])
+    return rows
+
+
+def _png(result: tp.Any) -> bytes:
+    """The curve plot of an EvalResult, as `curve.png` of the CLI (per-book lines, mean, context mark)."""
+    import tempfile
+    ev = result._evaluator
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / report.CURVE_PNG
+        report.plot_curve(path, {sid: s["audio_ce"] for sid, s in result.sequences.items()},
+                          float(ev.mimi.frame_rate), result._model.context,
+                          title=f"audio CE of {len(result.sequences)} book(s)", log_x=ev.config.log_x)
+        return path.read_bytes()
+
+
+def _image(png: bytes) -> np.ndarray:
+    """`[H, W, 3]` uint8 of a PNG (matplotlib's reader)."""
+    import matplotlib.image
+    image = matplotlib.image.imread(io.BytesIO(png), format="png")
+    return (np.asarray(image)[..., :3] * 255).round().astype(np.uint8)
+
+
+def wandb_payload(wandb: tp.Any, metrics: dict[str, float], rows: list[list[float]], png: bytes | None) -> dict:
+    payload: dict[str, tp.Any] = dict(metrics)
+    if rows:
+        payload["librilight/curve"] = wandb.Table(columns=["frame", "minutes", "audio_ce", "books"], data=rows)
+    if png is not None:
+        payload["librilight/curve_plot"] = wandb.Image(_image(png))
+    return payload
+
+
+def log_wandb(result: tp.Any, step: int | None = None, run: tp.Any = None, curve: bool = True) -> None:
+    """Log an `EvalResult`'s metrics (and, with `curve`, its curve table and plot) to `run`, by default the
+    active run of `wandb.init`. Raises LoggerError if wandb is not installed."""
+    wandb = require("wandb", "log_wandb")
+    rows = curve_rows(result.summary, float(result._evaluator.mimi.frame_rate)) if curve else []
+    payload = wandb_payload(wandb, result.metrics, rows, _png(result) if curve else None)
+    (run if run is not None else wandb).log(payload, step=step)
+
+
+def log_tensorboard(writer: tp.Any, result: tp.Any, step: int = 0, curve: bool = True) -> None:
+    """`writer.add_scalar(name, value, step)` for each metric of an `EvalResult`, and (with `curve`) its curve
+    plot as the image `librilight/curve`. `writer`: a `torch.utils.tensorboard.SummaryWriter`."""
+    tensorboard_scalars(writer, result.metrics, _png(result) if curve else None, step)
+
+
+def tensorboard_scalars(writer: tp.Any, metrics: dict[str, float], png: bytes | None, step: int) -> None:
+    for name, value in metrics.items():
+        writer.add_scalar(name, value, step)
+    if png is not None:
+        writer.add_image("librilight/curve", _image(png), step, dataformats="HWC")
+    writer.flush()
+
+
+def parse_wandb_target(value: str) -> tuple[str, str | None]:
+    """`PROJECT` or `PROJECT/RUN` -> (project, run name or None)."""
+    project, _, name = value.partition("/")
+    if not project or "/" in name or (value.endswith("/") and not name):
+        raise LoggerError(f"--wandb: expected PROJECT or PROJECT/RUN, got {value!r}.")
+    return project, name or None
+
+
+def checkpoint_step(checkpoint_dir: str | Path | None) -> int:
+    """The training step of a moshi-finetune `checkpoint_NNNNNN` folder (or its consolidated/), else 0."""
+    if checkpoint_dir is None:
+        return 0
+    path = Path(checkpoint_dir)
+    for part in (path.name, path.parent.name):
+        match = re.fullmatch(r"checkpoint_(\d+)", part)
+        if match:
+            return int(match.group(1))
+    return 0
+
+
+def log_run(out_dir: str | Path, wandb_target: str | None = None, tensorboard_dir: str | Path | None = None,
+            step: int = 0) -> None:
+    """Log a finished run folder (`moshi-eval librilight --out`): the metrics of its results.json (flat, as
+    `EvalResult.metrics`), its curve (table, plot from curve.png). Used by `--wandb` and `--tensorboard`."""
+    from .evaluator import flat_metrics
+    out = Path(out_dir)
+    results = json.loads((out / report.RESULTS_JSON).read_text())
+    metrics = flat_metrics(results["metrics"])
+    png_path = out / report.CURVE_PNG
+    png = png_path.read_bytes() if png_path.is_file() else None
+    if wandb_target is not None:
+        wandb = require("wandb", "--wandb")
+        project, name = parse_wandb_target(wandb_target)
+        run = wandb.init(project=project, name=name, config=results["config"])
+        try:
+            run.log(wandb_payload(wandb, metrics, curve_rows(results["metrics"], results["codec"]["frame_rate"]),
+                                  png), step=step)
+            run.summary.update(metrics)
+        finally:
+            run.finish()
+    if tensorboard_dir is not None:
+        writer = summary_writer(tensorboard_dir)
+        try:
+            tensorboard_scalars(writer, metrics, png, step)
+        finally:
+            writer.close()
+
+
+def summary_writer(log_dir: str | Path) -> tp.Any:
+    """A `torch.utils.tensorboard.SummaryWriter` on `log_dir`; LoggerError if tensorboard is missing."""
+    require("tensorboard", "--tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+__all__ = ["LoggerError", "checkpoint_step", "curve_rows", "log_run", "log_tensorboard", "log_wandb",
+           "parse_wandb_target", "summary_writer"]

@@ -1,0 +1,150 @@
+"""W&B and TensorBoard logging (`moshi_eval.loggers`, `--wandb`, `--tensorboard`): the values logged are the
+run's metrics; a missing package stops the command before anything runs, naming the pip command. The real
+packages are exercised when installed (W&B offline, TensorBoard's event reader); otherwise a recording stand-in
+takes their place."""
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from cli_helpers import make_world
+from checkpoint_factory import load_tiny_checkpoint
+from moshi_eval import LibriLightConfig, LibriLightEvaluator, flat_metrics, loggers
+from moshi_eval.cli import main
+
+DEMO = ["--no-progress", "--max-frames", "150", "--bootstrap", "50"]
+
+
+class _Recorder:
+    """Stands for a wandb run or a SummaryWriter: records what is logged."""
+    def __init__(self, **init):
+        self.init, self.logged, self.scalars, self.images = init, [], {}, []
+        self.summary: dict = {}
+        self.finished = self.closed = False
+
+    def log(self, payload, step=None):
+        self.logged.append((payload, step))
+
+    def finish(self):
+        self.finished = True
+
+    def add_scalar(self, name, value, step):
+        self.scalars[name] = (value, step)
+
+    def add_image(self, name, image, step, dataformats):
+        self.images.append((name, image, step, dataformats))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def _fake_wandb(monkeypatch) -> list[_Recorder]:
+    runs: list[_Recorder] = []
+    module = types.ModuleType("wandb")
+
+    def init(**kwargs):
+        runs.append(_Recorder(**kwargs))
+        return runs[-1]
+    module.init = init
+    module.Table = lambda columns, data: {"columns": columns, "data": data}
+    module.Image = lambda array: {"image": array}
+    module.log = lambda payload, step=None: runs.append(_Recorder()) or runs[-1].log(payload, step)
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return runs
+
+
+@pytest.mark.parametrize("flag,value,package", [("--wandb", "proj", "wandb"), ("--tensorboard", "tb", "tensorboard")])
+def test_missing_package_names_the_pip_command(tmp_path, capsys, monkeypatch, flag, value, package):
+    monkeypatch.setitem(sys.modules, package, None)     # `import package` raises ImportError
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), flag, value, *DEMO]) == 1
+    err = capsys.readouterr().err
+    assert f"{flag} needs the {package} package" in err and f"pip install 'moshi-patch[{package}]'" in err
+    assert not out.exists()                              # stopped before anything ran
+
+
+def test_cli_logs_the_run_metrics_and_curve(tmp_path, monkeypatch):
+    runs = _fake_wandb(monkeypatch)
+    writers: list[_Recorder] = []
+    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))
+    monkeypatch.setattr(loggers, "summary_writer", lambda d: writers.append(_Recorder(log_dir=d)) or writers[-1])
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), "--wandb", "proj/run1", "--tensorboard", str(tmp_path / "tb"),
+                 "--log-step", "7", *DEMO]) == 0
+    results = json.loads((out / "results.json").read_text())
+    expected = flat_metrics(results["metrics"])
+    assert "librilight/audio_ce@125" in expected and not any("@250" in k for k in expected)   # 150 frames
+
+    (run,) = runs
+    assert run.init["project"] == "proj" and run.init["name"] == "run1" and run.finished
+    (payload, step), = run.logged
+    assert step == 7
+    assert {k: v for k, v in payload.items() if k in expected} == expected
+    assert run.summary == expected
+    table = payload["librilight/curve"]
+    buckets = results["metrics"]["audio_ce"]["buckets"]
+    assert [row[2] for row in table["data"]] == [b["mean"] for b in buckets]
+    assert payload["librilight/curve_plot"]["image"].ndim == 3
+
+    (writer,) = writers
+    assert writer.closed and writer.init["log_dir"] == tmp_path / "tb"
+    assert writer.scalars == {k: (v, 7) for k, v in expected.items()}
+    (name, image, step, fmt), = writer.images
+    assert name == "librilight/curve" and image.shape[2] == 3 and image.dtype == np.uint8 and fmt == "HWC"
+
+
+def test_api_helpers_log_the_result(tmp_path, monkeypatch):
+    runs = _fake_wandb(monkeypatch)
+    world = make_world(tmp_path)
+    lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
+    result = LibriLightEvaluator(mimi, LibriLightConfig(audio_dir=world["audio"], report_at=(10,), report_window=5,
+                                                        bucket=20, bootstrap=0), use_cache=False)(lm)
+    loggers.log_wandb(result, step=3)
+    (payload, step), = runs[-1].logged
+    assert step == 3 and {k: payload[k] for k in result.metrics} == result.metrics
+    writer = _Recorder()
+    loggers.log_tensorboard(writer, result, step=4, curve=False)
+    assert writer.scalars == {k: (v, 4) for k, v in result.metrics.items()} and not writer.images
+
+
+def test_wandb_target_and_step():
+    assert loggers.parse_wandb_target("p") == ("p", None)
+    assert loggers.parse_wandb_target("p/r") == ("p", "r")
+    for bad in ("", "/r", "p/", "p/r/x"):
+        with pytest.raises(loggers.LoggerError, match="PROJECT or PROJECT/RUN"):
+            loggers.parse_wandb_target(bad)
+    assert loggers.checkpoint_step("runs/x/checkpoints/checkpoint_001200/consolidated") == 1200
+    assert loggers.checkpoint_step("runs/x/checkpoints/checkpoint_000300") == 300
+    assert loggers.checkpoint_step(None) == loggers.checkpoint_step("elsewhere") == 0
+
+
+def test_tensorboard_event_file_holds_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), "--tensorboard", str(tmp_path / "tb"), *DEMO]) == 0
+    expected = flat_metrics(json.loads((out / "results.json").read_text())["metrics"])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(expected)
+    for name, value in expected.items():
+        assert events.Scalars(name)[0].value == pytest.approx(value, rel=1e-6)
+
+
+def test_wandb_offline_run_summary_holds_the_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), "--wandb", "moshi-eval-test/demo", *DEMO]) == 0
+    expected = flat_metrics(json.loads((out / "results.json").read_text())["metrics"])
+    (summary_file,) = (tmp_path / "wandb").glob("offline-run-*/files/wandb-summary.json")
+    summary = json.loads(summary_file.read_text())
+    for name, value in expected.items():
+        assert summary[name] == pytest.approx(value, rel=1e-12)
