@@ -4,6 +4,7 @@ packages are exercised when installed (W&B offline, TensorBoard's event reader);
 takes their place."""
 import json
 import sys
+import time
 import types
 
 import numpy as np
@@ -144,7 +145,42 @@ def test_wandb_offline_run_summary_holds_the_metrics(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert main(["demo", "--out", str(out), "--wandb", "moshi-eval-test/demo", *DEMO]) == 0
     expected = flat_metrics(json.loads((out / "results.json").read_text())["metrics"])
-    (summary_file,) = (tmp_path / "wandb").glob("offline-run-*/files/wandb-summary.json")
-    summary = json.loads(summary_file.read_text())
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    # wandb's core process writes the log asynchronously: wait for the run's exit record.
+    deadline = time.monotonic() + 60
+    while (summary := _wandb_offline_summary(run_file)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert summary is not None, f"{run_file}: no exit record within 60 s"
     for name, value in expected.items():
         assert summary[name] == pytest.approx(value, rel=1e-12)
+
+
+def _wandb_offline_summary(path) -> dict | None:
+    """The summary of an offline W&B run, read from its transaction log (`run-*.wandb`): recent wandb releases
+    write `wandb-summary.json` only when they sync. The log is a LevelDB-style record log (a 7-byte file header,
+    32 KiB blocks, records of 7-byte headers: crc32, length, kind 1 full / 2 first / 3 middle / 4 last) of
+    `wandb_internal_pb2.Record` messages. None until the run's exit record is written."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path}: not a W&B transaction log"
+    block, pos, pending, summary, exited = 32768, 7, b"", {}, False
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):     # the rest of a block is padding
+            pos += left
+            continue
+        if pos + 7 + length > len(data):                 # a record still being written
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            exited = exited or record.WhichOneof("record_type") == "exit"
+            if record.WhichOneof("record_type") == "summary":
+                for item in record.summary.update:
+                    summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return summary if exited else None
