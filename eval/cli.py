@@ -154,12 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=compare_module.__doc__.split("\n\n")[1].replace("\n", " "))
     compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="--out folders of finished runs")
     compare.add_argument("--out", required=True, type=Path, help="folder for compare.json, .md, .csv, .png")
-    compare.add_argument("--names", default=None, help="comma-separated names of the runs (default: folder names)")
+    compare.add_argument("--names", default=None,
+                         help="comma-separated names of the runs (default: folder names, with as many parent "
+                              "folders as make them distinct)")
     compare.add_argument("--reference", default=None, help="run the others are compared to (default: the first)")
-    compare.add_argument("--report-at", type=_frame_list, default=DEFAULT_REPORT_AT,
-                         help="report positions in frames (default " + ",".join(map(str, DEFAULT_REPORT_AT)) + ")")
-    compare.add_argument("--report-window", type=_positive_int, default=DEFAULT_HALF_WINDOW,
-                         help=f"half width of the window means (default {DEFAULT_HALF_WINDOW})")
+    compare.add_argument("--report-at", type=_frame_list, default=None,
+                         help="report positions in frames (default: the reference run's own --report-at)")
+    compare.add_argument("--report-window", type=_positive_int, default=None,
+                         help="half width of the window means (default: the reference run's own --report-window)")
     compare.add_argument("--bucket", type=_positive_int, default=DEFAULT_BUCKET,
                          help=f"frames per bucket in the plot (default {DEFAULT_BUCKET})")
     _add_report_arguments(compare)
@@ -235,22 +237,48 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_eval(job)
 
 
+def run_names(paths: list[Path]) -> list[str]:
+    """Distinct names for run folders: the folder name, with as many parent folders as needed to tell
+    runs apart (`a/run` and `b/run`); the same folder given twice keeps one name plus its position."""
+    resolved = [p.resolve() for p in paths]
+    distinct = sorted(set(resolved))
+    depth = 1
+    while len({"/".join(p.parts[-depth:]) for p in distinct}) < len(distinct):
+        depth += 1
+    names = ["/".join(p.parts[-depth:]).lstrip("/") or "/" for p in resolved]
+    if len(set(names)) != len(names):       # The same folder twice (a run against itself).
+        names = [f"{name}#{i + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+    return names
+
+
 def run_compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise UsageError(f"compare needs at least 2 run folders, got {len(args.runs)}.")
-    names = args.names.split(",") if args.names else [p.resolve().name for p in args.runs]
-    if len(names) != len(args.runs) or len(set(names)) != len(names):
-        raise UsageError(f"--names: expected {len(args.runs)} distinct names, got {names}.")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory: give a folder for compare.json, .md, "
+                         ".csv and .png.")
+    if args.names:
+        names = [n.strip() for n in args.names.split(",")]
+        if len(names) != len(args.runs) or len(set(names)) != len(names) or not all(names):
+            raise UsageError(f"--names: expected {len(args.runs)} distinct non-empty names, one per run folder, "
+                             f"got {names}.")
+    else:
+        names = run_names(args.runs)
     if args.bootstrap < 1:
         raise UsageError("compare needs --bootstrap >= 1: its intervals are what it reports.")
     runs = [compare_module.load_run(path, name) for path, name in zip(args.runs, names)]
-    result = compare_module.compare(runs, args.reference or names[0], args.report_at, args.report_window,
+    own_at, own_window = compare_module.default_report_positions(runs)
+    report_at = args.report_at or own_at or DEFAULT_REPORT_AT
+    window = args.report_window or own_window or DEFAULT_HALF_WINDOW
+    result = compare_module.compare(runs, args.reference or names[0], report_at, window,
                                     args.bucket, args.bootstrap, args.bootstrap_seed)
     paths = compare_module.write(args.out, runs, result, args.log_x)
     left_out = {name: len(ids) for name, ids in result["left_out"].items() if ids}
     print(f"moshi-eval compare: {len(result['shared_books'])} shared books"
           + (f" (left out, not in every run: {left_out})" if left_out else "") + "\n")
     print(compare_module.markdown_table(result))
+    for note in result["notes"]:
+        print(f"moshi-eval compare: note: {note}", file=sys.stderr)
     print("written: " + ", ".join(map(str, paths)))
     return 0
 

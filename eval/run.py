@@ -36,7 +36,7 @@ from . import distributed, report
 from .checkpoint import LoadedCheckpoint, check_codec_fits
 from .codes import CodeCache, codec_identity, encode_book, silence_codes
 from .data import AudioReadError, Book, DataError, book_seconds
-from .hashing import FileHasher
+from .hashing import FileHasher, file_sha256
 from .lock import OutputLock
 from .bootstrap import bootstrap_summary, bucket_band
 from .metrics import summarize
@@ -420,7 +420,10 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
             book_entry(b.book, b.sequence_id), frames=T, minutes=T / frame_rate / 60,
             audio_ce_mean=float(np.nanmean(s["audio_ce"])),
             audio_ce_weighted_mean=float(np.nanmean(s["audio_ce_weighted"])),
-            file=str(report.sequence_path(out, b.sequence_id).relative_to(out))))
+            file=str(report.sequence_path(out, b.sequence_id).relative_to(out)),
+            # What `compare` checks the book file against: one rewritten since (a rescoring interrupted
+            # before results.json) is not mixed with this results.json.
+            file_sha256=file_sha256(report.sequence_path(out, b.sequence_id))))
     timing = {"scored_frames": sum(r.frames for r in reports),
               "score_seconds": max(r.score_seconds for r in reports),
               "encode_seconds": max(r.encode_seconds for r in reports)}
