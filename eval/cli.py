@@ -277,7 +277,7 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"moshi-eval compare: {len(result['shared_books'])} shared books"
           + (f" (left out, not in every run: {left_out})" if left_out else "") + "\n")
     print(compare_module.markdown_table(result))
-    for note in result["notes"]:
+    for note in result["notes"] + ([result["few_books"]] if result["few_books"] else []):
         print(f"moshi-eval compare: note: {note}", file=sys.stderr)
     print("written: " + ", ".join(map(str, paths)))
     return 0

@@ -31,7 +31,7 @@ from . import report
 from .hashing import file_sha256
 from .lock import OutputBusyError, SharedLock
 from .bootstrap import (BookResampler, Interval, book_slope_per_1000, book_window_mean, bucket_band,
-                        paired_bootstrap)
+                        few_books_note, paired_bootstrap)
 from .metrics import Curve, frame_mean, slope_per_1000
 
 # Scoring options that must match between compared runs (the model is what is compared).
@@ -231,6 +231,7 @@ def compare(runs: list[Run], reference: str, report_at: tp.Sequence[int], half_w
                               else "sequence id (book files without chapter sha256)",
                               "report_at": list(report_at), "half_window": half_window, "bucket": bucket,
                               "resamples": resamples, "seed": seed, "loss": LOSS, "notes": []}
+    out["few_books"] = few_books_note(len(keys))     # Also shown under the table and on the plot.
     other_audio = _same_name_other_audio(runs)
     if other_audio:
         out["notes"].append(f"not paired, same name but other audio: {other_audio}")
@@ -297,7 +298,8 @@ def markdown_table(result: dict[str, tp.Any]) -> str:
     cells = ["slope per 1000 frames"] + [_cell(r["slope"]["interval"], r["slope"]["per_1000_frames"]) for r in runs]
     cells += [_cell(r["slope"]["paired"]["interval"], r["slope"]["paired"]["mean_difference"]) for r in others]
     lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + [f"Note: {note}" for note in result.get("notes", [])] if result.get("notes") else []
+    notes = result.get("notes", []) + ([result["few_books"]] if result.get("few_books") else [])
+    lines += [""] + [f"Note: {note}" for note in notes] if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -347,7 +349,9 @@ def plot(path: Path, runs: list[Run], result: dict[str, tp.Any], frame_rate: flo
                 bottom.fill_between(x / frame_rate / 60, low, high, color=line.get_color(), alpha=0.2)
         bottom.axhline(0.0, color="black", lw=0.8)
         top.set_ylabel(f"{LOSS} (nats), bucket means")
-        top.set_title(f"{len(shared)} shared books; bands: 95% bootstrap over books; dashed: attention context")
+        few = f"\n{result['few_books']}" if result.get("few_books") else ""
+        top.set_title(f"{len(shared)} shared books; bands: 95% bootstrap over books; dashed: attention context{few}",
+                      fontsize=8 if few else None)
         top.legend(fontsize=8)
         bottom.set_ylabel(f"run - {ref.name} (paired)")
         bottom.set_xlabel("context (minutes of audio before the frame)")

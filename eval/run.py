@@ -468,7 +468,7 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
     values = [s["audio_ce"] for s in sequences.values()]
     band = bucket_band(values, args.bucket, args.bootstrap, args.bootstrap_seed) if args.bootstrap > 0 else None
     report.plot_curve(out / report.CURVE_PNG, {sid: s["audio_ce"] for sid, s in sequences.items()},
-                      frame_rate, lm_model.context, band=band, log_x=args.log_x,
+                      frame_rate, lm_model.context, band=band, log_x=args.log_x, bucket=args.bucket,
                       title=f"audio CE of {len(sequences)} book(s), text={args.text}, user={args.user_stream}")
     rate = f"{scored / seconds:.1f} frames/s" if scored else "nothing left to score"
     print(f"moshi-eval: {len(sequences)} book(s), {scored} frames scored in {seconds:.1f} s "

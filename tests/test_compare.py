@@ -187,7 +187,10 @@ def test_a_run_against_itself_says_so(tmp_path, capsys):
     result = compare([load_run(a, "a"), load_run(copy, "copy")], "a", (10,), 2, 10, 100, 0)
     assert any("identical losses" in n for n in result["notes"])
     other = fake_run(tmp_path / "other", {k: v + 0.01 for k, v in books.items()}, {k: k for k in books})
-    assert compare([load_run(a, "a"), load_run(other, "o")], "a", (10,), 2, 10, 100, 0)["notes"] == []
+    result = compare([load_run(a, "a"), load_run(other, "o")], "a", (10,), 2, 10, 100, 0)
+    assert result["notes"] == []
+    # 4 shared books: the intervals are flagged as not meaningful.
+    assert "only 4 book(s)" in result["few_books"]
 
 
 def test_run_folders_of_the_same_name_get_distinct_names(tmp_path, capsys):
