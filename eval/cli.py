@@ -108,6 +108,9 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
                              "runs over a chunk at once, with the same per-frame losses; 1 = one step per frame")
     parser.add_argument("--strict", action="store_true",
                         help="fail on an unreadable audio file instead of skipping its book")
+    parser.add_argument("--no-verify-streaming", action="store_true",
+                        help="skip the check made first on a model with streaming layers this project does not "
+                             "know (their chunked path against one frame per call, a few seconds)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"Mimi code cache (default {default_cache_dir()})")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the code cache")
@@ -292,7 +295,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, CheckpointError, report.ReportError, UsageError, NonFiniteLossError,
-            OutputBusyError, compare_module.CompareError) as exc:
+            OutputBusyError, compare_module.CompareError, check_module.StreamingCheckError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from moshi_patch import LMGen
 
 from . import distributed, report
+from .check import verify_streaming
 from .checkpoint import LoadedCheckpoint, check_codec_fits
 from .codes import CodeCache, codec_identity, encode_book, silence_codes
 from .data import AudioReadError, Book, DataError, book_seconds
@@ -211,6 +212,11 @@ def _run(job: EvalJob, ranks: distributed.Ranks, resumed: bool) -> int:
     mine = [batch for batch, owner in zip(batches, owners) if owner == ranks.rank]
     ckpt = job.load()
     check_codec_fits(ckpt.lm_model, ckpt.mimi)
+    if not getattr(args, "no_verify_streaming", False):
+        # A streaming layer the project does not know: its chunked path is checked against one frame per call.
+        verified = verify_streaming(ckpt.lm_model, args.chunk, args.text)
+        if verified and ranks.is_main:
+            print(f"moshi-eval: {verified}", file=sys.stderr)
     _resume([b for batch in mine for b in batch], job, resumed, ranks)
     todo = [batch for batch in mine if any(b.finished is None for b in batch)]
     cache = None if args.no_cache else CodeCache(args.cache_dir, codec_identity(ckpt.mimi))
