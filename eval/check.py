@@ -457,8 +457,18 @@ class _StreamingProbe:
         self._stack = ExitStack()
 
     def __enter__(self) -> list[str]:
+        lm_model = self.lm_gen.lm_model
+        streaming = [name or "<root>" for name, m in lm_model.named_modules()
+                     if isinstance(m, StreamingModule) and m._streaming_state is not None]
+        if streaming:
+            # moshi would stop on an assert with an empty name ("  is already streaming!").
+            raise StreamingCheckError(
+                f"the model is already streaming ({', '.join(streaming[:3])}{' ...' if len(streaming) > 3 else ''} "
+                "hold a streaming state): a stream opened earlier (`lm_model.streaming()`, `streaming_forever()` or "
+                "an LMGen's `streaming()`) is still open. Leave its `with` block before scoring: streams cannot be "
+                "nested.")
         self._stack.enter_context(self.lm_gen.streaming(1))
-        return unstreamed_modules(self.lm_gen.lm_model)
+        return unstreamed_modules(lm_model)
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
@@ -617,7 +627,7 @@ def run_check_streaming(args: argparse.Namespace) -> int:
     try:
         result = check_streaming(lm_model, frames=args.frames, batch_size=args.batch_size,
                                  tolerance=args.tolerance, seed=args.seed, chunk=args.chunk)
-    except ValueError as error:
+    except (ValueError, StreamingCheckError) as error:
         return usage_error(str(error))
     except MultiFrameStreamingError as error:   # The model cannot be scored in chunks: a finding, exit 1.
         print(f"moshi-eval check-streaming: {error}", file=sys.stderr)

@@ -23,7 +23,7 @@ from . import compare as compare_module
 from . import report
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
-from .distributed import from_environment, rank_device
+from .distributed import DistributedError, from_environment, rank_device
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .hashing import FileHasher
 from .lock import OutputBusyError
@@ -295,7 +295,8 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, CheckpointError, report.ReportError, UsageError, NonFiniteLossError,
-            OutputBusyError, compare_module.CompareError, check_module.StreamingCheckError) as exc:
+            OutputBusyError, compare_module.CompareError, check_module.StreamingCheckError,
+            DistributedError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
