@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "weights: the numbers show the plumbing, not a trained model).")
     # The demo model is tiny: intra-op threads only add synchronization (7x slower on a busy 2-core box).
     _add_scoring_arguments(demo, (125, 250, 500), 25, 100, batch_size=2, threads=1)
-    demo.add_argument("--seed", type=int, default=0, help="seed of the demo model and codec")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the demo model (and of its codec by default)")
+    demo.add_argument("--codec-seed", type=int, default=None,
+                      help="seed of the demo codec (default: --seed); runs of one codec seed can be compared")
     demo.set_defaults(func=run_demo)
 
     compare = subparsers.add_parser(
@@ -226,6 +228,9 @@ def run_demo(args: argparse.Namespace) -> int:
     audio_dir = args.out / "demo_audio" / "librilight_demo"   # where `demo_audiobook` puts it
     identity = {"demo": True, "seed": args.seed, "lm_kwargs": demo.DEMO_LM_KWARGS,
                 "mimi_config": demo.DEMO_MIMI_CONFIG, "dtype": "float32"}
+    codec_seed = args.seed if args.codec_seed is None else args.codec_seed
+    if codec_seed != args.seed:      # Only then: the configuration of earlier demo runs stays the same.
+        identity["codec_seed"] = codec_seed
 
     def select() -> list[Book]:
         # Written once --out is locked and its configuration checked: never into a foreign --out.
@@ -233,7 +238,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return select_books(discover_books(audio_dir), args.num_books, args.max_chapters)
 
     def load() -> LoadedCheckpoint:
-        return LoadedCheckpoint(demo.demo_lm(args.seed), demo.demo_mimi(args.seed), None, identity)
+        return LoadedCheckpoint(demo.demo_lm(args.seed), demo.demo_mimi(codec_seed), None, identity)
 
     job = EvalJob(argv=args.argv, out=args.out, audio_dir=audio_dir, select=select, load=load,
                   identity=identity, args=args, hasher=_hasher(args))

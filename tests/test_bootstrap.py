@@ -173,3 +173,10 @@ def test_demo_writes_intervals_and_two_demo_runs_compare(tmp_path, capsys):
     # Seed 1 is another codec too (the demo seeds the codec): other targets, refused.
     assert main(["compare", str(outs[0]), str(outs[2]), "--out", str(cmp)]) == 1
     assert "different codecs" in capsys.readouterr().err and not cmp.exists()
+    # Model seed 1 over codec seed 0: another model, the same targets, compared.
+    other = tmp_path / "demo1_codec0"
+    assert main(["demo", "--out", str(other), "--seed", "1", "--codec-seed", "0", "--max-frames", "300",
+                 "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "200"]) == 0
+    assert main(["compare", str(outs[0]), str(other), "--out", str(cmp), "--bootstrap", "200"]) == 0
+    result = json.loads((cmp / "compare.json").read_text())
+    assert result["runs"][1]["positions"][0]["paired"]["mean_difference"] != 0
