@@ -24,6 +24,18 @@ DEFAULT_RESAMPLES = 10_000
 DEFAULT_SEED = 0
 LEVEL = 0.95
 _BLOCK = 256   # resamples per matrix product: bounded memory on hour-long curves
+# Below this many books a percentile bootstrap over books says little: the resamples take few distinct values
+# (2 books: 3 means), so its interval is too narrow, not wide. Reported with a note, never hidden.
+MIN_BOOKS_FOR_INTERVAL = 10
+
+
+def few_books_note(num_books: int) -> str | None:
+    """Why an interval over `num_books` books is not to be trusted, or None from `MIN_BOOKS_FOR_INTERVAL` on."""
+    if num_books >= MIN_BOOKS_FOR_INTERVAL:
+        return None
+    return (f"only {num_books} book(s): a bootstrap over fewer than {MIN_BOOKS_FOR_INTERVAL} books understates the "
+            "uncertainty (its resamples take few distinct values), so the intervals are not meaningful; "
+            "score more books")
 
 
 @dataclass
@@ -151,8 +163,10 @@ def bootstrap_summary(values: tp.Sequence[np.ndarray], report_at: tp.Sequence[in
         positions.append({"frame": frame, "point": point.to_dict(), "window_mean": window.to_dict()})
     buckets = [dict(sampler.window_mean(start, min(start + bucket, T)).to_dict(), start=start)
                for start in range(0, T, bucket) if sampler.books_reaching(start, min(start + bucket, T)) > 0]
+    note = few_books_note(sampler.num_books)
     return {"resamples": resamples, "seed": seed, "level": LEVEL, "num_books": sampler.num_books,
-            "positions": positions, "slope": sampler.slope_per_1000().to_dict(), "buckets": buckets}
+            "few_books": note is not None, "note": note, "positions": positions,
+            "slope": sampler.slope_per_1000().to_dict(), "buckets": buckets}
 
 
 def book_window_mean(values: np.ndarray, frame: int, half_window: int) -> float:

@@ -16,11 +16,12 @@ import typing as tp
 
 import torch
 from moshi.models.lm import LMModel
+from moshi.modules.streaming import StreamingModule
 from moshi.utils.compile import no_compile
 
 from moshi_patch import LMGen
 from moshi_patch.chunking import MultiFrameStreamingError
-from moshi_patch.ttt import add_ttt_layers
+from moshi_patch.ttt import TTTLinear, add_ttt_layers
 
 from .checkpoint import CheckpointError, add_checkpoint_arguments, load_checkpoint, resolve_device, resolve_dtype
 from .config import ModelSource
@@ -60,10 +61,14 @@ class CheckResult:
     chunk: int = 1                   # frames per step_with_logits call of the checked streaming
     # With chunk > 1: the chunked logits against the one-frame path's, every frame of every stream.
     chunk_streams: list[StreamDiff] = field(default_factory=list)
+    # With chunk > 1: every path of an eval run (each text mode, with the rollback of predicted text).
+    paths: list["PathCheck"] = field(default_factory=list)
+    unstreamed: list[str] = field(default_factory=list)    # streaming modules left out of streaming
 
     @property
     def consistent(self) -> bool:
-        return all(s.first_divergent_frame is None for s in self.streams + self.chunk_streams)
+        return (all(s.first_divergent_frame is None for s in self.streams + self.chunk_streams)
+                and all(p.consistent for p in self.paths) and not self.unstreamed)
 
     @property
     def first_divergent_frame(self) -> int | None:
@@ -83,10 +88,27 @@ class CheckResult:
             for s in streams:
                 first = "-" if s.first_divergent_frame is None else str(s.first_divergent_frame)
                 lines.append(f"{s.name:<10} {s.max_abs:>11.3e} {s.mean_abs:>11.3e} {first:>18}")
+        if self.paths:
+            lines.append("paths of an eval run (text mode; chunks vs one frame per call, per-module outputs "
+                         "compared on a divergence):")
+            lines += [f"  {p.verdict(self.chunk)}" for p in self.paths]
+        reported = {k for p in self.paths if not p.consistent for k in p.state_outside}
+        warnings = sorted({k for p in self.paths for k in p.state_outside} - reported)
+        if warnings:
+            lines.append(f"warning: state kept outside moshi's State ({', '.join(warnings[:5])}): no path "
+                         "differed here, but a rollback cannot restore it.")
+        if self.unstreamed:
+            lines.append(f"NOT STREAMED: {', '.join(self.unstreamed)} never enter streaming mode (moshi caches a "
+                         "model's streaming children when it first streams: a layer inserted afterwards is "
+                         "missed); each call runs them as a whole sequence.")
         if self.consistent:
             lines.append(f"CONSISTENT: step_with_logits ({per_call} per call) reproduces LMModel.forward"
-                         + (" and the one-frame path" if self.chunk_streams else "")
+                         + (" and the one-frame path in every text mode" if self.chunk_streams else "")
                          + f" within {self.tolerance:.1e} at every frame of every stream.")
+        elif any(p.refused for p in self.paths) or self.unstreamed:
+            lines.append("INCONSISTENT: an eval run would refuse this model or score it wrongly (above).")
+        elif self.first_divergent_frame is None:
+            lines.append(f"INCONSISTENT: an eval path diverges (above): {DIVERGENCE_MEANING}")
         else:
             lines.append(f"INCONSISTENT from frame {self.first_divergent_frame}: {DIVERGENCE_MEANING}")
         return "\n".join(lines)
@@ -150,14 +172,323 @@ def _compare(name: str, streamed: torch.Tensor, reference: torch.Tensor, mask: t
         frames_compared=int(mask.any(dim=0).sum()))
 
 
+# Text modes a run can score in, as check_streaming streams them: "forced" (the random codes' own text, what
+# LMModel.forward is given), "pad" (`librilight --text pad`) and "predicted" (`--text predicted`, the default:
+# the model's argmax; with chunks, guessed and rolled back on a wrong guess).
+TEXT_PATHS = ("forced", "pad", "predicted")
+# Streaming modules whose chunked and rolled-back streaming the project tests (moshi's own, TTT-Linear): a model
+# with any other is verified at the start of an eval run (`verify_streaming`).
+KNOWN_STREAMING_MODULES = (TTTLinear,)
+
+
+class StreamingCheckError(RuntimeError):
+    """The eval's chunked path differs from its one-frame path on this model: the message is the verdict."""
+
+
+@dataclass
+class ModuleDivergence:
+    """The first module (in execution order, at the earliest frame) whose output differs between two paths."""
+    name: str
+    kind: str                        # its class name
+    frame: int
+    max_abs: float
+
+
+@dataclass
+class PathCheck:
+    """The chunked path against the one-frame path, for one text mode, every frame of every stream."""
+    text: str                        # one of TEXT_PATHS
+    streams: list[StreamDiff] = field(default_factory=list)
+    refused: str | None = None       # the error the eval stops with on this path (e.g. a state it cannot roll back)
+    module: ModuleDivergence | None = None   # where the divergence starts, when the logits diverge
+    state_outside: list[str] = field(default_factory=list)   # module attributes changed by streaming
+
+    @property
+    def consistent(self) -> bool:
+        return self.refused is None and all(s.first_divergent_frame is None for s in self.streams)
+
+    def verdict(self, chunk: int) -> str:
+        what = f"text {self.text}, {chunk}-frame chunks vs one frame per call"
+        if self.refused is not None:
+            return f"{what}: REFUSED by the eval: {self.refused}"
+        if self.consistent:
+            return f"{what}: consistent"
+        first = min(s.first_divergent_frame for s in self.streams if s.first_divergent_frame is not None)
+        worst = max(s.max_abs for s in self.streams)
+        line = f"{what}: DIVERGES from frame {first} (max |logit diff| {worst:.3e})"
+        if self.module is not None:
+            m = self.module
+            line += (f"; first module whose output differs: {m.name} ({m.kind}) at frame {m.frame} "
+                     f"(max |diff| {m.max_abs:.3e})")
+        if self.state_outside:
+            line += (f"; state kept outside moshi's State, which rollback cannot restore: "
+                     f"{', '.join(self.state_outside[:5])}")
+        return line
+
+
+def unstreamed_modules(lm_model: LMModel) -> list[str]:
+    """Streaming modules of the temporal transformer left out of streaming (call inside `streaming()`):
+    moshi caches a model's streaming children the first time it streams, so a layer inserted afterwards is
+    never put in streaming mode and sees each call as a whole sequence."""
+    found = []
+    for name, module in lm_model.transformer.named_modules():
+        if isinstance(module, StreamingModule) and module._streaming_state is None:
+            found.append(f"transformer.{name}" if name else "transformer")
+    return found
+
+
+def unknown_streaming_modules(lm_model: LMModel) -> list[str]:
+    """Streaming modules of the temporal transformer that are neither moshi's own nor `KNOWN_STREAMING_MODULES`,
+    as `name (Class)`."""
+    found = []
+    for name, module in lm_model.transformer.named_modules():
+        if not isinstance(module, StreamingModule) or isinstance(module, KNOWN_STREAMING_MODULES):
+            continue
+        if not type(module).__module__.startswith("moshi."):
+            found.append(f"transformer.{name} ({type(module).__name__})")
+    return found
+
+
+class ModuleOutputs:
+    """`with ModuleOutputs(lm_model):` records, while streaming, the output of the temporal transformer and of
+    every module under it, per frame: `outputs[name][frame]` is `[B, ...]` (float32, CPU). A frame run again
+    (rollback of a wrong text guess) keeps its last output, the one the stream went on from."""
+
+    def __init__(self, lm_model: LMModel) -> None:
+        self.root = lm_model.transformer
+        self.outputs: dict[str, dict[int, torch.Tensor]] = {}
+        self.order: dict[str, int] = {}            # first firing: children fire before their parents
+        self.kinds = {self._name(n): type(m).__name__ for n, m in self.root.named_modules()}
+        self._start, self._length, self._batch = 0, 0, 0
+        self._handles: list[tp.Any] = []
+
+    @staticmethod
+    def _name(name: str) -> str:
+        return f"transformer.{name}" if name else "transformer"
+
+    def __enter__(self) -> "ModuleOutputs":
+        self._handles.append(self.root.register_forward_pre_hook(self._pre))
+        for name, module in self.root.named_modules():
+            self._handles.append(module.register_forward_hook(self._hook(self._name(name))))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _pre(self, module: tp.Any, args: tuple) -> None:
+        state = module._streaming_state
+        x = args[0]
+        self._start = int(state.offsets[0]) if state is not None else 0
+        self._batch, self._length = int(x.shape[0]), int(x.shape[1])
+
+    def _hook(self, name: str) -> tp.Callable:
+        def hook(module: tp.Any, args: tuple, output: tp.Any) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if not isinstance(out, torch.Tensor) or out.dim() < 2 or tuple(out.shape[:2]) != (self._batch,
+                                                                                              self._length):
+                return
+            self.order.setdefault(name, len(self.order))
+            frames = self.outputs.setdefault(name, {})
+            for i in range(self._length):
+                frames[self._start + i] = out[:, i].detach().float().cpu().clone()
+        return hook
+
+
+def first_divergent_module(tested: ModuleOutputs, reference: ModuleOutputs,
+                           tolerance: float) -> ModuleDivergence | None:
+    """The module whose output first differs by more than `tolerance` (relative to 1 + its magnitude): the
+    earliest frame, and at that frame the first to run."""
+    best: tuple[int, int, ModuleDivergence] | None = None
+    for name, order in reference.order.items():
+        mine = tested.outputs.get(name, {})
+        for frame in sorted(set(mine) & set(reference.outputs[name])):
+            ref = reference.outputs[name][frame]
+            if mine[frame].shape != ref.shape:
+                continue
+            diff = (mine[frame] - ref).abs()
+            diff = torch.where(torch.isnan(diff), math.inf, diff)
+            worst = float(diff.max()) if diff.numel() else 0.0
+            if worst > tolerance * (1 + float(ref.abs().max())):
+                if best is None or (frame, order) < best[:2]:
+                    best = (frame, order, ModuleDivergence(name, reference.kinds.get(name, "?"), frame, worst))
+                break
+    return None if best is None else best[2]
+
+
+def _attribute_state(lm_model: LMModel) -> dict[str, tp.Any]:
+    """Tensors, lists and dicts held by streaming modules outside their moshi State (attributes and buffers)."""
+    found: dict[str, tp.Any] = {}
+    for name, module in lm_model.transformer.named_modules():
+        if not isinstance(module, StreamingModule):
+            continue
+        values = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+        values.update({k: v for k, v in module._buffers.items() if v is not None})
+        for attr, value in values.items():
+            key = f"transformer.{name}.{attr}" if name else f"transformer.{attr}"
+            if isinstance(value, torch.Tensor):
+                found[key] = value.detach().clone()
+            elif isinstance(value, (list, dict, set)):
+                found[key] = repr(value)
+    return found
+
+
+def _changed(before: dict[str, tp.Any], after: dict[str, tp.Any]) -> list[str]:
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or not torch.equal(a, b):
+                changed.append(key)
+        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b:
+            changed.append(key)
+    return changed
+
+
+@dataclass
+class _Streamed:
+    text_logits: torch.Tensor                  # [B, 1, T, text_card]
+    audio_logits: torch.Tensor                 # [B, dep_q, T, card]
+    text_tokens: torch.Tensor                  # [B, T]
+    unstreamed: list[str]
+    state_outside: list[str]
+
+
+@torch.no_grad()
+def stream_path(lm_model: LMModel, codes: torch.Tensor, chunk: int, text: str) -> _Streamed:
+    """Stream `codes [B, 1 + n_q, T]` as an eval run does in text mode `text` (TEXT_PATHS), `chunk` frames per
+    call, the model's audio teacher forced; the logits in the layout of `LMModel.forward`."""
+    B, _, T = codes.shape
+    dep_q = lm_model.dep_q
+    lm_gen = LMGen(lm_model, use_sampling=False)
+    user = codes[:, dep_q + 1:]
+    text_value = {"pad": lm_model.text_padding_token_id, "predicted": lm_model.ungenerated_token_id}.get(text)
+    text_logits, audio_logits, tokens = [], [], []
+    with lm_gen.streaming(B):
+        unstreamed = unstreamed_modules(lm_model)
+        before = _attribute_state(lm_model)
+        step = 0
+        while step < T + lm_gen.max_delay:
+            n = min(chunk, T + lm_gen.max_delay - step)
+            forced = torch.full((B, 1 + dep_q, n), lm_model.zero_token_id, dtype=torch.long, device=codes.device)
+            known = codes[:, :1 + dep_q, step:step + n]
+            forced[:, :, :known.shape[-1]] = known
+            if text_value is not None:
+                forced[:, 0] = text_value
+            columns = (torch.arange(step, step + n, device=codes.device) - 1).clamp(0, T - 1)
+            out = lm_gen.step_with_logits(user[:, :, columns], forced)
+            step += n
+            if out is None:
+                continue
+            text_logits.append(out.text_logits)
+            audio_logits.append(out.audio_logits)
+            tokens.append(out.tokens[:, 0])
+        state_outside = _changed(before, _attribute_state(lm_model))
+    return _Streamed(torch.cat(text_logits, dim=2)[:, :, :T], torch.cat(audio_logits, dim=2)[:, :, :T],
+                     torch.cat(tokens, dim=-1)[:, :T], unstreamed, state_outside)
+
+
+def check_path(lm_model: LMModel, codes: torch.Tensor, chunk: int, text: str, tolerance: float) -> PathCheck:
+    """The eval's chunked path against its one-frame path in text mode `text`, on `codes`; on a divergence,
+    both run again with every module's output recorded, to name the first module that differs."""
+    result = PathCheck(text)
+    B, _, T = codes.shape
+    try:
+        chunked = stream_path(lm_model, codes, chunk, text)
+    except MultiFrameStreamingError as exc:
+        result.refused = str(exc)
+        return result
+    one = stream_path(lm_model, codes, 1, text)
+    every = torch.ones(B, T, dtype=torch.bool, device=codes.device)
+    result.streams.append(_compare("text", chunked.text_logits[:, 0], one.text_logits[:, 0], every, tolerance))
+    for k in range(lm_model.dep_q):
+        result.streams.append(_compare(f"audio {k}", chunked.audio_logits[:, k], one.audio_logits[:, k], every,
+                                       tolerance))
+    result.state_outside = sorted(set(chunked.state_outside) | set(one.state_outside))
+    if not result.consistent:
+        with ModuleOutputs(lm_model) as tested:
+            stream_path(lm_model, codes, chunk, text)
+        with ModuleOutputs(lm_model) as reference:
+            stream_path(lm_model, codes, 1, text)
+        result.module = first_divergent_module(tested, reference, tolerance)
+    return result
+
+
+def verify_streaming(lm_model: LMModel, chunk: int, text: str, frames: int = 24, seed: int = 0) -> str | None:
+    """What an eval run checks first on a model with streaming modules the project does not know
+    (`unknown_streaming_modules`) or left out of streaming: a short comparison of its chunked path (`chunk`
+    frames per call, at most 8 so that several calls and rollbacks happen) against its one-frame path in text
+    mode `text`. Returns a line saying what was verified (None if nothing needed it).
+
+    Raises:
+        StreamingCheckError: the paths differ, or the eval would refuse the model; the message is the verdict.
+    """
+    codes = random_codes(lm_model, 1, frames, seed)
+    with _StreamingProbe(lm_model) as unstreamed:
+        pass
+    if unstreamed:
+        raise StreamingCheckError(
+            f"streaming modules never put in streaming mode: {', '.join(unstreamed)} (moshi caches a model's "
+            "streaming children the first time it streams; a layer inserted afterwards is missed). Insert layers "
+            "before the model first streams, or reset `_cached_children` of every StreamingModule of the model.")
+    unknown = unknown_streaming_modules(lm_model)
+    if not unknown or chunk <= 1:
+        return None
+    with ExitStack() as stack:
+        if lm_model.device.type != "cuda":
+            stack.enter_context(no_compile())
+        result = check_path(lm_model, codes, min(chunk, 8), text, DEFAULT_TOLERANCE.get(lm_model.dtype, 1e-1))
+    if not result.consistent:
+        raise StreamingCheckError(
+            f"the model has streaming modules this project does not know ({', '.join(unknown[:5])}), and its "
+            f"chunked path differs from its one-frame path, which the numbers would depend on: "
+            f"{result.verdict(min(chunk, 8))}. Run `moshi-eval check-streaming` on it for every path; score "
+            "with --chunk 1 if only chunks differ; --no-verify-streaming skips this check.")
+    return (f"verified streaming of {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}: "
+            f"{result.verdict(min(chunk, 8))} ({frames} frames of random codes)")
+
+
+class _StreamingProbe:
+    """`with _StreamingProbe(lm_model) as unstreamed:` puts the model in streaming mode as an eval
+    run does (through `LMGen`) and lists the streaming modules left out (`unstreamed_modules`)."""
+
+    def __init__(self, lm_model: LMModel) -> None:
+        self.lm_gen = LMGen(lm_model, use_sampling=False)
+        self._stack = ExitStack()
+
+    def __enter__(self) -> list[str]:
+        lm_model = self.lm_gen.lm_model
+        streaming = [name or "<root>" for name, m in lm_model.named_modules()
+                     if isinstance(m, StreamingModule) and m._streaming_state is not None]
+        if streaming:
+            # moshi would stop on an assert with an empty name ("  is already streaming!").
+            raise StreamingCheckError(
+                f"the model is already streaming ({', '.join(streaming[:3])}{' ...' if len(streaming) > 3 else ''} "
+                "hold a streaming state): a stream opened earlier (`lm_model.streaming()`, `streaming_forever()` or "
+                "an LMGen's `streaming()`) is still open. Leave its `with` block before scoring: streams cannot be "
+                "nested.")
+        self._stack.enter_context(self.lm_gen.streaming(1))
+        return unstreamed_modules(lm_model)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
 def check_streaming(lm_model: LMModel, frames: int = 64, batch_size: int = 2,
-                    tolerance: float | None = None, seed: int = 0, chunk: int = 1) -> CheckResult:
+                    tolerance: float | None = None, seed: int = 0, chunk: int = 1,
+                    text_paths: tp.Sequence[str] = TEXT_PATHS) -> CheckResult:
     """Compare `step_with_logits` (teacher forced, `chunk` frames per call) with `LMModel.forward` on
     `batch_size` sequences of `frames` frames of random codes drawn from `seed`; with `chunk > 1`, also
     with the one-frame path at every frame.
 
     Raises `moshi_patch.chunking.MultiFrameStreamingError` for a model with a streaming module that cannot
     take several frames per call.
+
+    With `chunk > 1`, every path an eval run can take is also run, chunked and one frame per call, for each
+    text mode of `text_paths` (`PathCheck`: "predicted" guesses the text and rolls back on a wrong guess); a
+    path the eval would refuse (a state it cannot roll back) is reported as such, and a divergence names the
+    first module whose output differs. Streaming modules left out of streaming are reported too.
 
     `tolerance` bounds |logit difference|; None picks `DEFAULT_TOLERANCE` for the model dtype. Positions
     that `forward` marks invalid (the last frames of delayed codebooks) are not compared.
@@ -185,6 +516,9 @@ def check_streaming(lm_model: LMModel, frames: int = 64, batch_size: int = 2,
         tolerance = DEFAULT_TOLERANCE.get(lm_model.dtype, 1e-1)
     elif not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance!r}.")
+    unknown_paths = [t for t in text_paths if t not in TEXT_PATHS]
+    if unknown_paths:
+        raise ValueError(f"text_paths must be among {TEXT_PATHS}, got {list(text_paths)}.")
 
     begin = time.perf_counter()
     codes = random_codes(lm_model, batch_size, frames, seed)
@@ -193,6 +527,9 @@ def check_streaming(lm_model: LMModel, frames: int = 64, batch_size: int = 2,
             # Moshi compiles a few functions (e.g. its output RMSNorm) lazily; on a CPU the compilation
             # costs tens of seconds and saves nothing.
             stack.enter_context(no_compile())
+        with _StreamingProbe(lm_model) as unstreamed:
+            pass
+        paths = [check_path(lm_model, codes, chunk, text, tolerance) for text in text_paths] if chunk > 1 else []
         streamed_text, streamed_audio = teacher_forced_logits(lm_model, codes, chunk)
         one_frame = teacher_forced_logits(lm_model, codes) if chunk > 1 else None
         with torch.no_grad():
@@ -200,7 +537,7 @@ def check_streaming(lm_model: LMModel, frames: int = 64, batch_size: int = 2,
     seconds = time.perf_counter() - begin
 
     result = CheckResult(frames, batch_size, tolerance, seed, str(lm_model.dtype).replace("torch.", ""), seconds,
-                         chunk=chunk)
+                         chunk=chunk, paths=paths, unstreamed=unstreamed)
     if one_frame is not None:
         every = torch.ones(batch_size, frames, dtype=torch.bool, device=codes.device)
         result.chunk_streams.append(_compare("text", streamed_text[:, 0], one_frame[0][:, 0], every, tolerance))
@@ -249,9 +586,12 @@ def add_parser(subparsers: tp.Any) -> None:
                         help="max |logit difference| (default 1e-4 in float32; 5e-2 in float16 and 2e-1 "
                              "in bfloat16, rough bounds for rounding)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random codes and TTT init")
-    parser.add_argument("--chunk", type=int, default=1,
-                        help="frames per step_with_logits call (default 1); with N > 1 the chunked logits are "
-                             "also compared with the one-frame path (what `librilight --chunk N` relies on)")
+    parser.add_argument("--chunk", type=int, default=16,
+                        help="frames per step_with_logits call (default 16: several chunks over --frames); with "
+                             "N > 1 every path of an eval run (text forced, pad and predicted, with its "
+                             "rollbacks) runs chunked and one frame per call, and a divergence names the first "
+                             "module whose output differs (what `librilight --chunk N` relies on); 1: only "
+                             "one frame per call against LMModel.forward")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (torch.set_num_threads; default: torch's default)")
     # float32 by default on every device (the checkpoint loader would pick bfloat16 on a GPU): at 1e-4 a
@@ -271,7 +611,7 @@ class CheckStreamingConfig(ModelSource):
     batch_size: int = 2
     tolerance: float | None = None
     seed: int = 0
-    chunk: int = 1
+    chunk: int = 16
     threads: int | None = None
 
 
@@ -319,7 +659,7 @@ def _run_check_streaming(args: CheckStreamingConfig, usage_error: tp.Callable[[s
     try:
         result = check_streaming(lm_model, frames=args.frames, batch_size=args.batch_size,
                                  tolerance=args.tolerance, seed=args.seed, chunk=args.chunk)
-    except ValueError as error:
+    except (ValueError, StreamingCheckError) as error:
         return usage_error(str(error))
     except MultiFrameStreamingError as error:   # The model cannot be scored in chunks: a finding, exit 1.
         print(f"moshi-eval check-streaming: {error}", file=sys.stderr)

@@ -5,6 +5,7 @@ path or `hf://repo/file`), or local files only: `--config` (the repo's `config.j
 and `--mimi-weight` (and optionally `--mimi-config`, `--tokenizer`).
 """
 import argparse
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 import sys
@@ -98,6 +99,12 @@ def resolve_device(device: str | None) -> torch.device:
         raise CheckpointError(f"--device: not a torch device: {device!r} ({exc})") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"--device {device}: CUDA is not available on this machine.")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise CheckpointError(f"--device {device}: torch has a single CPU device, `cpu`; its threads are set by "
+                              "--threads (where the command has it).")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CheckpointError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     if dev.type == "meta":
         raise CheckpointError(f"--device {device}: the meta device holds no data, nothing can be scored on it: "
                               "use cpu or cuda.")
@@ -298,14 +305,24 @@ def resolve_checkpoint(args: ModelSource, hasher: FileHasher | None = None) -> R
     for flag, value in local.items():
         if value is not None and not str(value).startswith("hf://") and not Path(value).is_file():
             raise CheckpointError(f"{flag}: no such file: {value}")
+    for flag in ("--config", "--mimi-config"):
+        value = local[flag]
+        if value is not None and not str(value).startswith("hf://"):
+            try:
+                json.loads(Path(value).read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise CheckpointError(f"{flag} {value}: not a JSON file ({exc}).") from exc
     try:
         info = loaders.CheckpointInfo.from_hf_repo(
             hf_repo, moshi_weights=local["--moshi-weight"], mimi_weights=local["--mimi-weight"],
             tokenizer=local["--tokenizer"], config_path=local["--config"], mimi_config_path=local["--mimi-config"],
             lora_weights=local["--lora-weight"])
-    except Exception as exc:   # hub errors (offline, missing repo/file, auth), bad JSON config
-        raise CheckpointError(f"cannot locate the checkpoint (--hf-repo {hf_repo}): "
-                              f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:   # hub errors (offline, missing repo/file, auth)
+        # Name what needed the hub: the hf:// arguments first (the repo only supplies the files not given).
+        remote = [f"{flag} {value}" for flag, value in local.items() if str(value).startswith("hf://")]
+        remote += [f"--hf-repo {hf_repo}"] if hf_repo is not None else []
+        raise CheckpointError(f"cannot locate the checkpoint ({', '.join(remote)}: from the Hugging Face hub, or "
+                              f"its local cache when offline): {type(exc).__name__}: {exc}") from exc
     _check_lm_config(info.lm_config, f"LM config {local['--config'] or hf_repo}")
     fuse = getattr(args, "fuse_lora", True)
     lora = _plan_lora(info, fuse)

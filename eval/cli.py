@@ -25,7 +25,7 @@ from . import report
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
 from .config import ConfigError, LibriLightConfig, ModelSource, RunConfig, from_values
-from .distributed import from_environment, rank_device
+from .distributed import DistributedError, from_environment, rank_device
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .hashing import FileHasher
 from .lock import OutputBusyError
@@ -110,6 +110,9 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
                              "runs over a chunk at once, with the same per-frame losses; 1 = one step per frame")
     parser.add_argument("--strict", action="store_true",
                         help="fail on an unreadable audio file instead of skipping its book")
+    parser.add_argument("--no-verify-streaming", dest="verify_streaming", action="store_false",
+                        help="skip the check made first on a model with streaming layers this project does not "
+                             "know (their chunked path against one frame per call, a few seconds)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"Mimi code cache (default {default_cache_dir()})")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the code cache")
@@ -179,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     # The demo model is tiny: intra-op threads only add synchronization (7x slower on a busy 2-core box).
     _add_scoring_arguments(demo, (125, 250, 500), 25, 100, batch_size=2, threads=1)
     _add_logging_arguments(demo)
-    demo.add_argument("--seed", type=int, default=0, help="seed of the demo model and codec")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the demo model (and of its codec by default)")
+    demo.add_argument("--codec-seed", type=int, default=None,
+                      help="seed of the demo codec (default: --seed); runs of one codec seed can be compared")
     demo.set_defaults(func=run_demo)
 
     compare = subparsers.add_parser(
@@ -187,12 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=compare_module.__doc__.split("\n\n")[1].replace("\n", " "))
     compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="--out folders of finished runs")
     compare.add_argument("--out", required=True, type=Path, help="folder for compare.json, .md, .csv, .png")
-    compare.add_argument("--names", default=None, help="comma-separated names of the runs (default: folder names)")
+    compare.add_argument("--names", default=None,
+                         help="comma-separated names of the runs (default: folder names, with as many parent "
+                              "folders as make them distinct)")
     compare.add_argument("--reference", default=None, help="run the others are compared to (default: the first)")
-    compare.add_argument("--report-at", type=_frame_list, default=DEFAULT_REPORT_AT,
-                         help="report positions in frames (default " + ",".join(map(str, DEFAULT_REPORT_AT)) + ")")
-    compare.add_argument("--report-window", type=_positive_int, default=DEFAULT_HALF_WINDOW,
-                         help=f"half width of the window means (default {DEFAULT_HALF_WINDOW})")
+    compare.add_argument("--report-at", type=_frame_list, default=None,
+                         help="report positions in frames (default: the reference run's own --report-at)")
+    compare.add_argument("--report-window", type=_positive_int, default=None,
+                         help="half width of the window means (default: the reference run's own --report-window)")
     compare.add_argument("--bucket", type=_positive_int, default=DEFAULT_BUCKET,
                          help=f"frames per bucket in the plot (default {DEFAULT_BUCKET})")
     _add_report_arguments(compare)
@@ -264,6 +271,9 @@ def run_demo(args: argparse.Namespace) -> int:
     config = from_values(LibriLightConfig, dict(vars(args), audio_dir=audio_dir))
     identity = {"demo": True, "seed": args.seed, "lm_kwargs": demo.DEMO_LM_KWARGS,
                 "mimi_config": demo.DEMO_MIMI_CONFIG, "dtype": "float32"}
+    codec_seed = args.seed if args.codec_seed is None else args.codec_seed
+    if codec_seed != args.seed:      # Only then: the configuration of earlier demo runs stays the same.
+        identity["codec_seed"] = codec_seed
 
     def select() -> list[Book]:
         # Written once --out is locked and its configuration checked: never into a foreign --out.
@@ -271,7 +281,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return select_books(discover_books(audio_dir), config.num_books, config.max_chapters)
 
     def load() -> LoadedCheckpoint:
-        return LoadedCheckpoint(demo.demo_lm(args.seed), demo.demo_mimi(args.seed), None, identity)
+        return LoadedCheckpoint(demo.demo_lm(args.seed), demo.demo_mimi(codec_seed), None, identity)
 
     job = EvalJob(argv=run.argv, out=run.out, audio_dir=audio_dir, select=select, load=load,
                   identity=identity, config=config, run=run, hasher=_hasher(run))
@@ -282,22 +292,48 @@ def run_check_streaming(args: argparse.Namespace) -> int:
     return check_module.run_check_streaming(from_values(check_module.CheckStreamingConfig, args))
 
 
+def run_names(paths: list[Path]) -> list[str]:
+    """Distinct names for run folders: the folder name, with as many parent folders as needed to tell
+    runs apart (`a/run` and `b/run`); the same folder given twice keeps one name plus its position."""
+    resolved = [p.resolve() for p in paths]
+    distinct = sorted(set(resolved))
+    depth = 1
+    while len({"/".join(p.parts[-depth:]) for p in distinct}) < len(distinct):
+        depth += 1
+    names = ["/".join(p.parts[-depth:]).lstrip("/") or "/" for p in resolved]
+    if len(set(names)) != len(names):       # The same folder twice (a run against itself).
+        names = [f"{name}#{i + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+    return names
+
+
 def run_compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise UsageError(f"compare needs at least 2 run folders, got {len(args.runs)}.")
-    names = args.names.split(",") if args.names else [p.resolve().name for p in args.runs]
-    if len(names) != len(args.runs) or len(set(names)) != len(names):
-        raise UsageError(f"--names: expected {len(args.runs)} distinct names, got {names}.")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory: give a folder for compare.json, .md, "
+                         ".csv and .png.")
+    if args.names:
+        names = [n.strip() for n in args.names.split(",")]
+        if len(names) != len(args.runs) or len(set(names)) != len(names) or not all(names):
+            raise UsageError(f"--names: expected {len(args.runs)} distinct non-empty names, one per run folder, "
+                             f"got {names}.")
+    else:
+        names = run_names(args.runs)
     if args.bootstrap < 1:
         raise UsageError("compare needs --bootstrap >= 1: its intervals are what it reports.")
     runs = [compare_module.load_run(path, name) for path, name in zip(args.runs, names)]
-    result = compare_module.compare(runs, args.reference or names[0], args.report_at, args.report_window,
+    own_at, own_window = compare_module.default_report_positions(runs)
+    report_at = args.report_at or own_at or DEFAULT_REPORT_AT
+    window = args.report_window or own_window or DEFAULT_HALF_WINDOW
+    result = compare_module.compare(runs, args.reference or names[0], report_at, window,
                                     args.bucket, args.bootstrap, args.bootstrap_seed)
     paths = compare_module.write(args.out, runs, result, args.log_x)
     left_out = {name: len(ids) for name, ids in result["left_out"].items() if ids}
     print(f"moshi-eval compare: {len(result['shared_books'])} shared books"
           + (f" (left out, not in every run: {left_out})" if left_out else "") + "\n")
     print(compare_module.markdown_table(result))
+    for note in result["notes"] + ([result["few_books"]] if result["few_books"] else []):
+        print(f"moshi-eval compare: note: {note}", file=sys.stderr)
     print("written: " + ", ".join(map(str, paths)))
     return 0
 
@@ -311,7 +347,8 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, CheckpointError, ConfigError, loggers.LoggerError, report.ReportError, UsageError,
-            NonFiniteLossError, OutputBusyError, compare_module.CompareError) as exc:
+            NonFiniteLossError, OutputBusyError, compare_module.CompareError, check_module.StreamingCheckError,
+            DistributedError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -36,7 +36,9 @@ class LibriLightConfig:
     Selection: `num_books` (the first N), `min_frames` (skip shorter books), `strict` (an unreadable file is an
     error instead of a skipped book). Reporting: `report_at` (frames), `report_window` (half width of the
     window means), `bucket` (frames per bucket), `bootstrap` resamples of the books (0: no interval) and their
-    `bootstrap_seed`, `log_x` (plot axis).
+    `bootstrap_seed`, `log_x` (plot axis). `verify_streaming`: a model with streaming modules this project does
+    not know has its chunked path checked against one frame per call first (a few seconds; an error if they
+    differ).
     """
     audio_dir: Path | None = None
     num_books: int | None = None
@@ -55,6 +57,7 @@ class LibriLightConfig:
     bootstrap_seed: int = DEFAULT_SEED
     strict: bool = False
     log_x: bool = False
+    verify_streaming: bool = True
 
     def __post_init__(self) -> None:
         if self.audio_dir is not None:

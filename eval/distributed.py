@@ -9,6 +9,7 @@ rank, longest first. A book's numbers therefore do not depend on the number of p
 from dataclasses import dataclass
 import heapq
 import os
+import sys
 import typing as tp
 
 import torch
@@ -60,17 +61,37 @@ class Ranks:
             dist.destroy_process_group()
 
 
+class DistributedError(RuntimeError):
+    """A multi-process environment that is not torchrun's (the message says what is missing)."""
+
+
 def from_environment() -> Ranks:
-    """The ranks torchrun describes in the environment; joins the process group if there are several."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """The ranks torchrun describes in the environment; joins the process group if there are several
+    (saying so on stderr: a rank waits there until every other rank has started)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local_rank = int(os.environ.get("RANK", "-1")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise DistributedError(f"WORLD_SIZE / RANK / LOCAL_RANK must be integers ({exc}).") from None
     if world <= 1:
         return Ranks()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if rank < 0:
+        missing.insert(0, "RANK")
+    if missing or not 0 <= rank < world:
+        raise DistributedError(
+            f"WORLD_SIZE={world} asks for {world} processes, but {', '.join(missing) or f'RANK={rank}'} "
+            f"{'is' if len(missing) == 1 else 'are'} {'not set' if missing else 'out of range'}: launch several "
+            "processes with `torchrun --nproc-per-node N -m moshi_eval ...`, or unset WORLD_SIZE and RANK to run "
+            "one process.")
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         backend = "nccl"
     if not dist.is_initialized():
+        print(f"moshi-eval: [rank {rank}/{world}] joining the process group at {os.environ['MASTER_ADDR']}:"
+              f"{os.environ['MASTER_PORT']}: waiting for the other {world - 1} rank(s) to start...",
+              file=sys.stderr, flush=True)
         dist.init_process_group(backend=backend)
     return Ranks(rank, world, local_rank)
 

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from moshi_patch import LMGen
 
 from . import distributed, report
+from .check import verify_streaming
 from .checkpoint import LoadedCheckpoint, check_codec_fits
 from .cli import default_cache_dir, select_librilight_books   # the CLI's cache and book selection
 from .codes import CodeCache, codec_identity, silence_codes
@@ -220,6 +221,7 @@ class LibriLightEvaluator:
         self.ranks = caller_ranks()
         cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._hasher = FileHasher(cache_root / "hashes" if use_cache else None)
+        self._verified: set[int] = set()     # ids of the models whose streaming was verified
         self._books = [_Book(b, b.sequence_id) for b in select_librilight_books(config)]
         _check_unique_ids(self._books, config.audio_dir)
         batches = _batches(self._books, config)
@@ -277,6 +279,12 @@ class LibriLightEvaluator:
         error: Exception | None = None
         try:
             lm_model.eval()
+            if config.verify_streaming and id(lm_model) not in self._verified:
+                # A streaming layer the project does not know: its chunked path is checked against one frame
+                # per call, once per model (training changes its weights, not how it streams).
+                with torch.no_grad():
+                    verify_streaming(lm_model, config.chunk, config.text)
+                self._verified.add(id(lm_model))
             lm_gen = LMGen(lm_model, use_sampling=False)
             silence = None
             if self._silence is not None:

@@ -59,3 +59,34 @@ def _read_holder(fd: int) -> str:
         return f"pid {info['pid']}, started {info['started']}: {info['command']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "pid unknown"
+
+
+class SharedLock:
+    """`with SharedLock(out):` a shared lock on `<out>/.moshi-eval.lock` while a reader (compare) reads the
+    folder: it fails at once, naming the run, while a run holds the folder, and a run that starts meanwhile
+    waits for nothing: it fails as on any busy folder. A folder without a lock file (never run, or read-only
+    copy) is read without a lock."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = Path(out) / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> "SharedLock":
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return self
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise OutputBusyError(f"a moshi-eval run is writing this folder ({holder}): its books and "
+                                  "results.json are changing. Wait for it to finish.") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

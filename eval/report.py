@@ -231,53 +231,89 @@ def smoothing_window(num_frames: int) -> int:
 def plot_curve(path: str | Path, sequences: dict[str, np.ndarray], frame_rate: float,
                context: int | None, title: str = "", ylabel: str = "audio cross-entropy (nats)",
                band: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
-               log_x: bool = False) -> None:
-    """`curve.png`: loss `[T_i]` of each book and the mean, against minutes of context (matplotlib Agg).
-
-    A vertical line marks the model's attention context (`context` frames): to its right, the KV cache no
-    longer holds the start of the book, so only recurrent state can carry it. `band`: bucket centres (frames),
-    bucket means and the 95% bootstrap interval over books (`bootstrap.bucket_band`), drawn around the mean.
-    `log_x`: a logarithmic time axis, for curves over hours.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
+               log_x: bool = False, bucket: int | None = None) -> None:
+    """`curve.png` (`curve_figure`), written atomically."""
     import matplotlib.pyplot as plt
 
-    if not sequences:
-        raise ReportError("no finished sequence to plot.")
-    T = max(len(v) for v in sequences.values())
-    window = smoothing_window(T)
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    fig = curve_figure(sequences, frame_rate, context, title, ylabel, band, log_x, bucket)
     try:
-        for name, values in sequences.items():
-            v = np.asarray(values, dtype=np.float64)
-            ok = np.isfinite(v)
-            x = np.arange(len(v))[ok] / frame_rate / 60
-            ax.plot(x, _moving_average(v[ok], window), lw=0.8, alpha=0.5, label=name if len(sequences) <= 8 else None)
-        curve = frame_mean([np.asarray(v) for v in sequences.values()])
-        reached = curve.count > 0
-        x = np.arange(T)[reached] / frame_rate / 60
-        ax.plot(x, _moving_average(curve.mean[reached], window), color="black", lw=2.0,
-                label=f"mean over books ({len(sequences)})")
-        if band is not None and np.isfinite(band[2]).any():
-            centres, _, low, high = band
-            ax.fill_between(centres / frame_rate / 60, low, high, color="black", alpha=0.2,
-                            label="95% bootstrap band over books (bucket means)")
-        if log_x:
-            ax.set_xscale("log")
-        if context is not None:
-            minutes = context / frame_rate / 60
-            ax.axvline(minutes, color="red", ls="--", lw=1.2)
-            ax.text(minutes, 0.98, f" attention context\n ({context} frames = {minutes:.2f} min)",
-                    color="red", transform=ax.get_xaxis_transform(), va="top", ha="left", fontsize=8)
-        ax.set_xlabel("context (minutes of audio before the frame)")
-        smooth = f", moving average over {window} frames" if window > 1 else ""
-        ax.set_ylabel(ylabel + smooth)
-        ax.set_title(title or "per-frame loss against context")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     _write_atomic(Path(path), lambda f: f.write(buffer.getvalue()))
+
+
+def curve_figure(sequences: dict[str, np.ndarray], frame_rate: float, context: int | None, title: str = "",
+                 ylabel: str = "audio cross-entropy (nats)",
+                 band: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 log_x: bool = False, bucket: int | None = None) -> tp.Any:
+    """The curve figure: loss `[T_i]` of each book and their mean, against minutes of context (matplotlib Agg;
+    the caller closes it).
+
+    Each line says what it averages. Thin lines: each book, trailing moving average over `smoothing_window`
+    frames. Black: the mean over the books reaching each frame; with `band` (bucket centres in frames, bucket
+    means and their 95% bootstrap interval over books, `bootstrap.bucket_band`, over `bucket` frames) the black
+    line is those bucket means, the very quantity the band is around; without, the per-frame mean under the
+    same moving average as the books. Grey steps (right axis): how many books reach each frame, so the frame
+    where the mean stops being over all books shows. With fewer than `bootstrap.MIN_BOOKS_FOR_INTERVAL`
+    books the band is labelled as not meaningful. A vertical line marks the model's attention context
+    (`context` frames): to its right, the KV cache no longer holds the start of the book, so only recurrent
+    state can carry it. `log_x`: a logarithmic time axis, for curves over hours.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .bootstrap import MIN_BOOKS_FOR_INTERVAL, few_books_note
+
+    if not sequences:
+        raise ReportError("no finished sequence to plot.")
+    T = max(len(v) for v in sequences.values())
+    window = smoothing_window(T)
+    smooth = f"moving average over {window} frames" if window > 1 else "per frame"
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    for name, values in sequences.items():
+        v = np.asarray(values, dtype=np.float64)
+        ok = np.isfinite(v)
+        x = np.arange(len(v))[ok] / frame_rate / 60
+        ax.plot(x, _moving_average(v[ok], window), lw=0.8, alpha=0.5, label=name if len(sequences) <= 8 else None)
+    curve = frame_mean([np.asarray(v) for v in sequences.values()])
+    reached = curve.count > 0
+    note = few_books_note(len(sequences))
+    if band is not None and len(band[0]):
+        centres, means, low, high = band
+        if bucket is None:
+            bucket = int(round(2 * centres[0])) if len(centres) == 1 else int(round(centres[1] - centres[0]))
+        ax.plot(centres / frame_rate / 60, means, color="black", lw=2.0, marker=".",
+                label=f"mean over the books reaching each frame, {bucket}-frame bucket means")
+        if np.isfinite(low).any():
+            label = "95% bootstrap band over books of those bucket means"
+            if note is not None:
+                label += f"\n(only {len(sequences)} books: NOT meaningful)"
+            ax.fill_between(centres / frame_rate / 60, low, high, color="black", alpha=0.2, label=label)
+    else:
+        x = np.arange(T)[reached] / frame_rate / 60
+        ax.plot(x, _moving_average(curve.mean[reached], window), color="black", lw=2.0,
+                label=f"mean over the books reaching each frame, {smooth}")
+    counts = ax.twinx()
+    counts.step(np.arange(T)[reached] / frame_rate / 60, curve.count[reached], where="post", color="grey",
+                lw=1.0, alpha=0.7, label="books reaching the frame")
+    counts.set_ylabel("books reaching the frame (grey steps)", color="grey")
+    counts.set_ylim(0, max(1, int(curve.count.max())) * 1.15)
+    counts.yaxis.get_major_locator().set_params(integer=True)
+    if log_x:
+        ax.set_xscale("log")
+    if context is not None:
+        minutes = context / frame_rate / 60
+        ax.axvline(minutes, color="red", ls="--", lw=1.2)
+        ax.text(minutes, 0.98, f" attention context\n ({context} frames = {minutes:.2f} min)",
+                color="red", transform=ax.get_xaxis_transform(), va="top", ha="left", fontsize=8)
+    ax.set_xlabel("context (minutes of audio before the frame)")
+    ax.set_ylabel(f"{ylabel}\n(each book: {smooth})")
+    few = (f"\nonly {len(sequences)} book(s): an interval over fewer than {MIN_BOOKS_FOR_INTERVAL} books is not "
+           "meaningful (see results.json)")
+    ax.set_title((title or "per-frame loss against context") + (few if note is not None and band is not None
+                                                                else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return fig

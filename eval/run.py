@@ -32,11 +32,12 @@ from tqdm import tqdm
 from moshi_patch import LMGen
 
 from . import distributed, report
+from .check import verify_streaming
 from .checkpoint import LoadedCheckpoint, check_codec_fits
 from .config import LibriLightConfig, RunConfig
 from .codes import CodeCache, codec_identity, encode_book, silence_codes
 from .data import AudioReadError, Book, DataError, book_seconds
-from .hashing import FileHasher
+from .hashing import FileHasher, file_sha256
 from .lock import OutputLock
 from .bootstrap import bootstrap_summary, bucket_band
 from .metrics import summarize
@@ -212,6 +213,11 @@ def _run(job: EvalJob, ranks: distributed.Ranks, resumed: bool) -> int:
     mine = [batch for batch, owner in zip(batches, owners) if owner == ranks.rank]
     ckpt = job.load()
     check_codec_fits(ckpt.lm_model, ckpt.mimi)
+    if args.verify_streaming:
+        # A streaming layer the project does not know: its chunked path is checked against one frame per call.
+        verified = verify_streaming(ckpt.lm_model, args.chunk, args.text)
+        if verified and ranks.is_main:
+            print(f"moshi-eval: {verified}", file=sys.stderr)
     _resume([b for batch in mine for b in batch], job, resumed, ranks)
     todo = [batch for batch in mine if any(b.finished is None for b in batch)]
     cache = None if run.no_cache else CodeCache(tp.cast(Path, run.cache_dir), codec_identity(ckpt.mimi))
@@ -422,7 +428,10 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
             book_entry(b.book, b.sequence_id), frames=T, minutes=T / frame_rate / 60,
             audio_ce_mean=float(np.nanmean(s["audio_ce"])),
             audio_ce_weighted_mean=float(np.nanmean(s["audio_ce_weighted"])),
-            file=str(report.sequence_path(out, b.sequence_id).relative_to(out))))
+            file=str(report.sequence_path(out, b.sequence_id).relative_to(out)),
+            # What `compare` checks the book file against: one rewritten since (a rescoring interrupted
+            # before results.json) is not mixed with this results.json.
+            file_sha256=file_sha256(report.sequence_path(out, b.sequence_id))))
     timing = {"scored_frames": sum(r.frames for r in reports),
               "score_seconds": max(r.score_seconds for r in reports),
               "encode_seconds": max(r.encode_seconds for r in reports)}
@@ -467,7 +476,7 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
     values = [s["audio_ce"] for s in sequences.values()]
     band = bucket_band(values, args.bucket, args.bootstrap, args.bootstrap_seed) if args.bootstrap > 0 else None
     report.plot_curve(out / report.CURVE_PNG, {sid: s["audio_ce"] for sid, s in sequences.items()},
-                      frame_rate, lm_model.context, band=band, log_x=args.log_x,
+                      frame_rate, lm_model.context, band=band, log_x=args.log_x, bucket=args.bucket,
                       title=f"audio CE of {len(sequences)} book(s), text={args.text}, user={args.user_stream}")
     rate = f"{scored / seconds:.1f} frames/s" if scored else "nothing left to score"
     print(f"moshi-eval: {len(sequences)} book(s), {scored} frames scored in {seconds:.1f} s "

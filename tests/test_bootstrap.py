@@ -151,10 +151,10 @@ def test_compare_refuses_runs_scored_differently(tmp_path, capsys):
 
 def test_demo_writes_intervals_and_two_demo_runs_compare(tmp_path, capsys):
     outs = []
-    for seed in (0, 1):
-        out = tmp_path / f"demo{seed}"
+    for seed, chunk in ((0, "128"), (0, "1"), (1, "128")):
+        out = tmp_path / f"demo{seed}_{chunk}"
         assert main(["demo", "--out", str(out), "--seed", str(seed), "--max-frames", "300", "--no-progress",
-                     "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "200", "--log-x"]) == 0
+                     "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "200", "--log-x", "--chunk", chunk]) == 0
         outs.append(out)
     results = json.loads((outs[0] / "results.json").read_text())
     boot = results["metrics"]["audio_ce"]["bootstrap"]
@@ -162,8 +162,21 @@ def test_demo_writes_intervals_and_two_demo_runs_compare(tmp_path, capsys):
     assert boot["positions"][0]["point"]["present"] and boot["slope"]["present"]
     assert "bootstrap" in results["metrics"]["codebook_ce"][3]
     cmp = tmp_path / "cmp"
-    assert main(["compare", *map(str, outs), "--out", str(cmp), "--report-at", "125,250", "--report-window", "25",
-                 "--bucket", "100", "--bootstrap", "200"]) == 0
+    # Without --report-at / --report-window: the runs' own (the demo's 125,250,500 +- 25).
+    assert main(["compare", *map(str, outs[:2]), "--out", str(cmp), "--bucket", "100", "--bootstrap", "200"]) == 0
     result = json.loads((cmp / "compare.json").read_text())
+    assert result["report_at"] == results["config"]["report_at"] == [125, 250, 500] and result["half_window"] == 25
     assert result["runs"][1]["positions"][0]["paired"]["books"] == 2
+    assert result["pairing"] == "sha256 of the chapters"
     shutil.rmtree(cmp)
+    capsys.readouterr()
+    # Seed 1 is another codec too (the demo seeds the codec): other targets, refused.
+    assert main(["compare", str(outs[0]), str(outs[2]), "--out", str(cmp)]) == 1
+    assert "different codecs" in capsys.readouterr().err and not cmp.exists()
+    # Model seed 1 over codec seed 0: another model, the same targets, compared.
+    other = tmp_path / "demo1_codec0"
+    assert main(["demo", "--out", str(other), "--seed", "1", "--codec-seed", "0", "--max-frames", "300",
+                 "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "200"]) == 0
+    assert main(["compare", str(outs[0]), str(other), "--out", str(cmp), "--bootstrap", "200"]) == 0
+    result = json.loads((cmp / "compare.json").read_text())
+    assert result["runs"][1]["positions"][0]["paired"]["mean_difference"] != 0

@@ -191,3 +191,21 @@ def test_model_keeps_its_device_and_dtype(world, device):
     assert {(p.device.type, p.dtype) for p in lm.parameters()} == {(device, torch.bfloat16)}
     assert all(np.isfinite(v) for v in result.metrics.values()) and result.metrics["librilight/num_books"] == 3
     assert {a["audio_ce"].dtype for a in result.sequences.values()} == {np.dtype(np.float32)}
+
+
+def test_evaluator_verifies_a_model_with_unknown_streaming_layers(world):
+    """As the CLI: a streaming layer the project does not know, whose chunked path differs from one frame per
+    call, stops the call with the verdict instead of returning numbers; `verify_streaming=False` skips it."""
+    from moshi.modules.streaming import StreamingModule
+    from moshi_eval.check import StreamingCheckError
+    from test_check_streaming import AttributeStateLayer
+    lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
+    lm.transformer.layers.insert(1, AttributeStateLayer())
+    for module in lm.modules():
+        if isinstance(module, StreamingModule):
+            module._cached_children = None
+    config = _config(world, bootstrap=0, max_frames=20, text="predicted", chunk=8)
+    with pytest.raises(StreamingCheckError, match=r"transformer\.layers\.1 \(AttributeStateLayer\)"):
+        LibriLightEvaluator(mimi, config, use_cache=False)(lm)
+    result = LibriLightEvaluator(mimi, dataclasses.replace(config, verify_streaming=False), use_cache=False)(lm)
+    assert result.metrics["librilight/num_books"] == 3

@@ -109,3 +109,68 @@ def test_plot_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     with pytest.raises(report.ReportError, match="no finished sequence"):
         report.plot_curve(tmp_path / "x.png", {}, 12.5, None)
+
+
+def _lines_by_label(fig):
+    return {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+
+
+def test_curve_band_and_mean_line_are_the_same_quantity():
+    """With a band, the black line is the bucket means the band is around (recomputed here from the books),
+    not a moving average of another width."""
+    import matplotlib.pyplot as plt
+    from moshi_eval.bootstrap import bucket_band
+    rng = np.random.default_rng(4)
+    books = [rng.normal(5, 1) + rng.normal(0, 0.3, n) for n in (260, 230, 120)]
+    band = bucket_band(books, 50, 200, 0)
+    fig = report.curve_figure({f"b{i}": v for i, v in enumerate(books)}, 12.5, None, band=band, bucket=50)
+    try:
+        lines = _lines_by_label(fig)
+        mean_line = lines["mean over the books reaching each frame, 50-frame bucket means"]
+        expected = []
+        for start in range(0, 260, 50):
+            per_frame = [np.mean([b[t] for b in books if t < len(b)]) for t in range(start, min(start + 50, 260))]
+            expected.append(np.mean(per_frame))
+        np.testing.assert_allclose(mean_line.get_ydata(), expected, rtol=1e-12)
+        np.testing.assert_allclose(mean_line.get_xdata(), band[0] / 12.5 / 60)
+        labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert any(label.startswith("95% bootstrap band over books of those bucket means") for label in labels)
+        # Without a band, the mean line says which moving average it is.
+        fig2 = report.curve_figure({f"b{i}": v for i, v in enumerate(books)}, 12.5, None)
+        assert "mean over the books reaching each frame, moving average over 5 frames" in _lines_by_label(fig2)
+        plt.close(fig2)
+    finally:
+        plt.close(fig)
+
+
+def test_curve_shows_how_many_books_reach_each_frame():
+    import matplotlib.pyplot as plt
+    books = {"long": np.full(300, 5.0), "short": np.full(120, 6.0)}
+    fig = report.curve_figure(books, 12.5, None)
+    try:
+        count = _lines_by_label(fig)["books reaching the frame"]
+        frames = np.round(np.asarray(count.get_xdata()) * 12.5 * 60).astype(int)
+        expected = [sum(len(v) > t for v in books.values()) for t in frames]
+        np.testing.assert_array_equal(count.get_ydata(), expected)
+        assert set(np.asarray(count.get_ydata()).tolist()) == {1, 2}
+    finally:
+        plt.close(fig)
+
+
+def test_few_books_are_flagged_in_the_summary_and_the_plot():
+    import matplotlib.pyplot as plt
+    from moshi_eval.bootstrap import MIN_BOOKS_FOR_INTERVAL, bootstrap_summary, bucket_band
+    rng = np.random.default_rng(5)
+    two = [rng.normal(5, 0.3, 200) for _ in range(2)]
+    summary = bootstrap_summary(two, (50,), 10, 50, 100, 0)
+    assert summary["few_books"] and "only 2 book(s)" in summary["note"] and "not meaningful" in summary["note"]
+    many = [rng.normal(5, 0.3, 200) for _ in range(MIN_BOOKS_FOR_INTERVAL)]
+    summary = bootstrap_summary(many, (50,), 10, 50, 100, 0)
+    assert not summary["few_books"] and summary["note"] is None
+    fig = report.curve_figure({"a": two[0], "b": two[1]}, 12.5, None, band=bucket_band(two, 50, 100, 0))
+    try:
+        labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert any("only 2 books: NOT meaningful" in label for label in labels)
+        assert "only 2 book(s): an interval over fewer than" in fig.axes[0].get_title()
+    finally:
+        plt.close(fig)
