@@ -133,8 +133,8 @@ def load_zerospeech(data: Path, task: str, split: str = "dev", strict: bool = Fa
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for line, row in rows:
         if row["filename"] not in files:
-            _skip(skipped, strict, {"file": row["filename"], "reason": f"{gold.name} line {line}: no audio file "
-                                                                        f"{row['filename']}.wav in {root}"})
+            reason = f"{gold.name} line {line}: no audio file {row['filename']}.wav in {root}"
+            _skip(skipped, strict, {"file": row["filename"], "reason": reason})
             continue
         groups[(row["id"], row["voice"])].append(row)
     pairs: list[Pair] = []

@@ -8,6 +8,8 @@ Subcommands:
   audiobook): no download, well under a minute on a CPU.
 - `check-streaming`: streaming logits against `LMModel.forward` (moshi_eval.check).
 - `compare RUN_DIR RUN_DIR ... --out DIR`: paired comparison of finished runs (moshi_eval.compare).
+- `likelihood --task {swuggy,sblimp,sstorycloze,tstorycloze,salmon} --data DIR --out DIR`: zero-shot
+  likelihood benchmarks (moshi_eval.likelihood).
 
 No finished work is lost: each book's results are written as soon as it is scored; rerunning the same
 command with the same `--out` skips finished books, and Ctrl-C / SIGTERM prints the command to resume.
@@ -15,7 +17,9 @@ command with the same `--out` skips finished books, and Ctrl-C / SIGTERM prints 
 import argparse
 import os
 from pathlib import Path
+import signal
 import sys
+import threading
 import typing as tp
 
 from . import check as check_module
@@ -26,10 +30,11 @@ from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_argume
 from .distributed import from_environment, rank_device
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .hashing import FileHasher
+from .likelihood import LikelihoodConfigError
 from .lock import OutputBusyError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
-from .run import EXIT_INTERRUPTED, MIMI_FRAME_RATE, EvalJob, UsageError, run_eval
+from .run import EXIT_INTERRUPTED, MIMI_FRAME_RATE, EvalJob, UsageError, _raise_interrupt, run_eval
 from .scoring import DEFAULT_CHUNK, NonFiniteLossError, TEXT_MODES, USER_STREAMS
 
 EXIT_ERROR = 1
@@ -165,8 +170,77 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_arguments(compare)
     compare.set_defaults(func=run_compare)
 
+    _add_likelihood_parser(subparsers)
     check_module.add_parser(subparsers)
     return parser
+
+
+def _add_likelihood_parser(subparsers: tp.Any) -> None:
+    from .benchmark_data import SALMON_PARTS, SPLITS, TASKS
+    p = subparsers.add_parser(
+        "likelihood", help="sWUGGY, sBLIMP, spoken/topic StoryCloze, SALMon from the streaming state",
+        description="Zero-shot likelihood benchmarks: each audio file's log-likelihood under the streaming model "
+                    "(its codes teacher forced in the model's audio stream), pairs compared, accuracies "
+                    "aggregated as the official scorers do.")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", required=True, type=Path,
+                   help="swuggy/sblimp: the ZeroSpeech 2021 root (lexical/, syntactic/); sstorycloze/tstorycloze: "
+                        "the folder of <n>_<uuid>_correct.wav / _incorrect.wav; salmon: the SALMon root")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created; reused to resume)")
+    p.add_argument("--split", choices=SPLITS, default="dev", help="swuggy/sblimp split (test: no gold, "
+                                                                  "submission only)")
+    p.add_argument("--parts", default=None,
+                   help=f"salmon: comma-separated parts (default all: {','.join(SALMON_PARTS)})")
+    add_checkpoint_arguments(p)
+    p.add_argument("--text", choices=TEXT_MODES, default="predicted",
+                   help="text stream: the model's argmax (default), the padding token, or zero (-1, no input)")
+    p.add_argument("--user-stream", choices=USER_STREAMS, default="silence",
+                   help="user audio stream: Mimi codes of digital silence (default), or zero (-1, no input)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="files scored together, batched by length")
+    p.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, help="frames per streaming call")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--cache-dir", type=Path, default=None, help=f"Mimi code cache (default {default_cache_dir()})")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the code cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--bootstrap", type=_non_negative_int, default=DEFAULT_RESAMPLES,
+                   help="bootstrap resamples of the averaging units (ids, stories, samples); 0: no interval")
+    p.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED, help="seed of the bootstrap resamples")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N pairs only: a smoke run")
+    p.add_argument("--strict", action="store_true", help="fail on any skipped file or pair instead of listing it")
+    p.set_defaults(func=run_likelihood)
+
+
+def run_likelihood(args: argparse.Namespace) -> int:
+    import torch
+    from .likelihood import LikelihoodConfig, run_likelihood as run
+    from .run import command_line
+    args.cache_dir = args.cache_dir or default_cache_dir()
+    args.device = rank_device(args.device, from_environment())   # cuda:LOCAL_RANK under torchrun
+    config = LikelihoodConfig(
+        task=args.task, data=args.data, split=args.split,
+        parts=tuple(x for x in args.parts.split(",") if x) if args.parts else None, text=args.text,
+        user_stream=args.user_stream, batch_size=args.batch_size, chunk=args.chunk, limit=args.limit,
+        strict=args.strict, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
+        progress=not args.no_progress, cache_dir=None if args.no_cache else args.cache_dir)
+    hasher = _hasher(args)
+    resolved = resolve_checkpoint(args, hasher)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    previous = None
+    if threading.current_thread() is threading.main_thread():   # SIGTERM stops between two calls, as Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        run(config, args.out, resolved.load, resolved.identity, command_line(args.argv), hasher)
+    except KeyboardInterrupt:
+        print(f"\nmoshi-eval: interrupted. Finished batches are kept in {args.out / 'items'}. Resume with the same "
+              f"command:\n  {command_line(args.argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        torch.set_num_threads(threads)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
 
 
 def select_librilight_books(args: argparse.Namespace) -> list[Book]:
@@ -264,7 +338,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, CheckpointError, report.ReportError, UsageError, NonFiniteLossError,
-            OutputBusyError, compare_module.CompareError) as exc:
+            OutputBusyError, compare_module.CompareError, LikelihoodConfigError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -255,7 +255,8 @@ def test_write_results_items_and_submission(tmp_path, models):
     paths = result.write(tmp_path / "out")
     assert [p.name for p in paths] == ["results.json", "items.csv", "dev.txt"]
     rows = list(csv.DictReader(open(tmp_path / "out" / "items.csv")))
-    sub = [line.split(" ") for line in (tmp_path / "out" / "submission" / "syntactic" / "dev.txt").read_text().splitlines()]
+    submission = tmp_path / "out" / "submission" / "syntactic" / "dev.txt"
+    sub = [line.split(" ") for line in submission.read_text().splitlines()]
     assert len(rows) == len(sub) == 4
     assert {r["file"]: float(r["log_likelihood"]) for r in rows} == {name: float(v) for name, v in sub}
     assert {r["file"] for r in rows} == {p.stem for p in (tmp_path / "zr" / "syntactic" / "dev").glob("*.wav")}

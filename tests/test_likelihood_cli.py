@@ -1,0 +1,137 @@
+"""`moshi-eval likelihood`: end to end on a tiny checkpoint, resume after SIGTERM (bitwise), configuration identity,
+lock, torchrun data-parallel with the numbers of one process, compare of two runs."""
+import csv
+import json
+import os
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
+from moshi_eval.cli import main
+from moshi_eval.likelihood import LikelihoodConfig, evaluate_likelihood
+from moshi_eval.lock import OutputLock
+from test_likelihood import make_salmon, make_zerospeech
+
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lik")
+    ckpt = write_tiny_checkpoint(root / "ckpt")
+    make_zerospeech(root / "zr", "lexical", ids=4, voices=2, seed=1)
+    return {"root": root, "ckpt": ckpt, "data": root / "zr", "cache": root / "cache"}
+
+
+def _argv(world, out: Path, *extra: str, task: str = "swuggy", data: Path | None = None) -> list[str]:
+    return ["likelihood", "--task", task, "--data", str(data or world["data"]), "--out", str(out),
+            "--cache-dir", str(world["cache"]), "--threads", "1", "--no-progress", "--text", "zero",
+            "--batch-size", "3", "--bootstrap", "100", *world["ckpt"]["cli_args"], *extra]
+
+
+def _items(out: Path) -> dict[str, dict]:
+    return {r["file"]: r for r in csv.DictReader(open(out / "items.csv"))}
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_cli_end_to_end_equals_library(world, tmp_path):
+    out = tmp_path / "run"
+    assert main(_argv(world, out)) == 0
+    body = _results(out)
+    items = _items(out)
+    assert len(items) == 16 and body["files_scored"] == 16 and body["pairs_scored"] == 8
+    assert body["conventions"]["text"] == "zero" and body["model"]["moshi_weights"]["sha256"]
+    assert body["metrics"]["swuggy/accuracy"] == body["accuracy"]["overall"]["accuracy"]
+    submission = (out / "submission" / "lexical" / "dev.txt").read_text().splitlines()
+    assert {line.split(" ")[0]: float(line.split(" ")[1]) for line in submission} == \
+        {k: float(r["log_likelihood"]) for k, r in items.items()}
+    lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
+    lib = evaluate_likelihood(lm, mimi, LikelihoodConfig("swuggy", world["data"], text="zero", batch_size=3,
+                                                         bootstrap=100, progress=False))
+    assert {k: float(r["log_likelihood"]) for k, r in items.items()} == \
+        {k: s.log_likelihood for k, s in lib.scores.items()}
+    assert body["metrics"] == pytest.approx(lib.metrics)
+
+
+def test_other_configuration_refused_and_lock(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_argv(world, out, "--limit", "2")) == 0
+    assert _results(out)["smoke_run"] is True
+    assert main(_argv(world, out, "--limit", "2", "--chunk", "7")) == 1
+    assert "holds results of another configuration (chunk: stored 128, now 7)" in capsys.readouterr().err
+    with OutputLock(out, "another run"):
+        assert main(_argv(world, out, "--limit", "2")) == 1
+    assert "is in use by another moshi-eval run" in capsys.readouterr().err
+
+
+def test_bad_layout_exit_code_and_message(world, tmp_path, capsys):
+    assert main(_argv(world, tmp_path / "o", task="sblimp")) == 1
+    err = capsys.readouterr().err
+    assert "expected the ZeroSpeech 2021 layout for sblimp: <data>/syntactic/dev/*.wav" in err and "lexical" in err
+
+
+def _popen(argv: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "moshi_eval", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_resume_after_sigterm_is_bitwise_equal(world, tmp_path):
+    full = tmp_path / "full"
+    assert main(_argv(world, full, "--batch-size", "2")) == 0
+    out = tmp_path / "killed"
+    proc = _popen(_argv(world, out, "--batch-size", "2"))
+    deadline = time.time() + 120
+    try:
+        while not list((out / "items").glob("batch_*.json")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and "Resume with the same command" in err
+    done = len(list((out / "items").glob("batch_*.json")))
+    assert 1 <= done < 8 and not (out / "results.json").exists()
+    assert main(_argv(world, out, "--batch-size", "2")) == 0
+    body = _results(out)
+    assert body["resumed"] is True and body["runtime"]["files_resumed"] >= 2
+    assert _items(out) == _items(full)
+    assert body["metrics"] == _results(full)["metrics"]
+
+
+@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed")
+def test_torchrun_two_processes_equal_one(world, tmp_path):
+    one = tmp_path / "one"
+    assert main(_argv(world, one)) == 0
+    two = tmp_path / "two"
+    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "moshi_eval",
+                           *_argv(world, two)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _items(two) == _items(one)
+    assert _results(two)["metrics"] == _results(one)["metrics"]
+    assert _results(two)["runtime"]["processes"] == 2
+
+
+def test_salmon_cli_parts(world, tmp_path):
+    data = make_salmon(tmp_path / "salmon", parts=("gender_consistency",), samples=3)
+    out = tmp_path / "s"
+    assert main(_argv(world, out, "--parts", "gender_consistency", task="salmon", data=data)) == 0
+    body = _results(out)
+    assert set(body["accuracy"]) == {"part"} and "gender_consistency" in body["accuracy"]["part"]
+    assert "salmon/accuracy/gender_consistency" in body["metrics"]
+    assert not (out / "submission").exists()
