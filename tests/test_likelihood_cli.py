@@ -135,3 +135,36 @@ def test_salmon_cli_parts(world, tmp_path):
     assert set(body["accuracy"]) == {"part"} and "gender_consistency" in body["accuracy"]["part"]
     assert "salmon/accuracy/gender_consistency" in body["metrics"]
     assert not (out / "submission").exists()
+
+
+def test_salmon_interface_returns_the_cli_log_likelihoods(world, tmp_path):
+    """SALMon's harness loop (files of a part grouped by sample index, sorted, first = positive; batches of 2
+    samples) with `MoshiInferenceModel`: the CLI's per-file log-likelihoods and its part accuracy."""
+    import sphn
+    import torch
+    from moshi_eval.salmon import MoshiInferenceModel
+    data = make_salmon(tmp_path / "salmon", parts=("sentiment_consistency",), samples=3)
+    out = tmp_path / "s"
+    assert main(_argv(world, out, "--parts", "sentiment_consistency", task="salmon", data=data)) == 0
+    items = _items(out)
+    lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
+    model = MoshiInferenceModel(lm, mimi, sample_rate=16000, text="zero").to("cpu")
+    paths = sorted((data / "sentiment_consistency").glob("*.wav"))
+    groups: dict[int, list[str]] = {}
+    for p in paths:
+        groups.setdefault(int(p.stem.split("_")[1]), []).append(str(p))
+    samples = [sorted(g) for _, g in sorted(groups.items())]
+    results = []
+    for start in range(0, len(samples), 2):
+        batch = samples[start:start + 2]
+        pos = [torch.from_numpy(sphn.read(s[0])[0]) for s in batch]
+        neg = [torch.from_numpy(sphn.read(s[1])[0]) for s in batch]
+        lp, ln = model.log_likelihood(pos), model.log_likelihood(neg)
+        for s, a, b in zip(batch, lp.tolist(), ln.tolist()):
+            for path, value in ((s[0], a), (s[1], b)):
+                expected = float(items[f"sentiment_consistency/{Path(path).stem}"]["log_likelihood"])
+                assert value == pytest.approx(expected, rel=1e-5, abs=2e-3)
+        results += [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(lp.tolist(), ln.tolist())]
+    assert _results(out)["metrics"]["salmon/accuracy/sentiment_consistency"] == pytest.approx(sum(results) / 3)
+    with pytest.raises(ValueError, match=r"wavs\[0\]: expected a non-empty"):
+        model.log_likelihood([torch.zeros(1, 0)])
