@@ -31,6 +31,7 @@ from .distributed import from_environment, rank_device
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .hashing import FileHasher
 from .likelihood import LikelihoodConfigError
+from .likelihood_compare import LikelihoodCompareError
 from .lock import OutputBusyError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
@@ -317,6 +318,11 @@ def run_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--names: expected {len(args.runs)} distinct names, got {names}.")
     if args.bootstrap < 1:
         raise UsageError("compare needs --bootstrap >= 1: its intervals are what it reports.")
+    from . import likelihood_compare
+    if all(likelihood_compare.is_likelihood_run(p) for p in args.runs):      # `moshi-eval likelihood` runs
+        lik = likelihood_compare.run_compare(args.runs, names, args.out, args.bootstrap, args.bootstrap_seed)
+        print(likelihood_compare.markdown(lik) + f"\nwritten: {args.out / 'compare.json'}, {args.out / 'compare.md'}")
+        return 0
     runs = [compare_module.load_run(path, name) for path, name in zip(args.runs, names)]
     result = compare_module.compare(runs, args.reference or names[0], args.report_at, args.report_window,
                                     args.bucket, args.bootstrap, args.bootstrap_seed)
@@ -338,7 +344,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, CheckpointError, report.ReportError, UsageError, NonFiniteLossError,
-            OutputBusyError, compare_module.CompareError, LikelihoodConfigError) as exc:
+            OutputBusyError, compare_module.CompareError, LikelihoodConfigError, LikelihoodCompareError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

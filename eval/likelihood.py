@@ -59,6 +59,7 @@ FREQUENCY_BANDS = ((0, 1, "oov"), (1, 5, "1-5"), (5, 20, "6-20"), (20, 100, "21-
 SILENCE_FRAMES = 160        # as the LibriLight run: later user frames repeat the last one
 ITEMS_DIR = "items"
 ITEMS_CSV = "items.csv"
+PAIRS_CSV = "pairs.csv"
 CONFIG_JSON = "config.json"
 RESULTS_JSON = "results.json"
 
@@ -150,13 +151,16 @@ class _Unit:
     scores: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in NORMALIZATIONS})
 
 
+def _unit_name(task: str, p: Pair) -> str:
+    if task == "sblimp":     # the official groupby(['type', 'subtype', 'id'])
+        return f"{p.attributes['type']}/{p.attributes['subtype']}/{p.unit}"
+    return p.unit
+
+
 def _units(task: str, pairs: list[Pair], scores: dict[str, ItemScore]) -> list[_Unit]:
     units: dict[str, _Unit] = {}
     for p in pairs:
-        if task == "sblimp":     # the official groupby(['type', 'subtype', 'id'])
-            name = f"{p.attributes['type']}/{p.attributes['subtype']}/{p.unit}"
-        else:
-            name = p.unit
+        name = _unit_name(task, p)
         unit = units.get(name)
         if unit is None:
             groups = dict(p.attributes)
@@ -297,10 +301,11 @@ class LikelihoodResult:
         }
 
     def write(self, out_dir: str | Path, extra: dict | None = None) -> list[Path]:
-        """`results.json`, `items.csv` and, for swuggy / sblimp, the ZeroSpeech 2021 submission file."""
+        """`results.json`, `items.csv`, `pairs.csv` (the pairs and their averaging unit, what `compare` pairs
+        runs on) and, for swuggy / sblimp, the ZeroSpeech 2021 submission file."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = [out / RESULTS_JSON, out / ITEMS_CSV]
+        paths = [out / RESULTS_JSON, out / ITEMS_CSV, out / PAIRS_CSV]
         body = self.to_dict()
         sub = self.submission_path(out)
         if sub is not None:
@@ -318,6 +323,14 @@ class LikelihoodResult:
             writer.writerow([key, s.frames, repr(s.log_likelihood), repr(s.log_likelihood_per_token),
                              self.config.text])
         report.write_text_atomic(paths[1], buf.getvalue())
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["positive", "negative", "unit", "voice", "attributes"])
+        for pair in self.data.pairs:
+            if pair.positive in self.scores and pair.negative in self.scores:
+                writer.writerow([pair.positive, pair.negative, _unit_name(self.config.task, pair), pair.voice or "",
+                                 json.dumps(pair.attributes, sort_keys=True)])
+        report.write_text_atomic(paths[2], buf.getvalue())
         if sub is not None:
             lines = "".join(f"{key} {self.scores[key].log_likelihood!r}\n" for key in sorted(self.scores))
             sub.parent.mkdir(parents=True, exist_ok=True)

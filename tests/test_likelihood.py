@@ -253,7 +253,7 @@ def test_write_results_items_and_submission(tmp_path, models):
     result = evaluate_likelihood(lm, mimi, LikelihoodConfig("sblimp", tmp_path / "zr", text="zero", bootstrap=20,
                                                             progress=False))
     paths = result.write(tmp_path / "out")
-    assert [p.name for p in paths] == ["results.json", "items.csv", "dev.txt"]
+    assert [p.name for p in paths] == ["results.json", "items.csv", "pairs.csv", "dev.txt"]
     rows = list(csv.DictReader(open(tmp_path / "out" / "items.csv")))
     submission = tmp_path / "out" / "submission" / "syntactic" / "dev.txt"
     sub = [line.split(" ") for line in submission.read_text().splitlines()]

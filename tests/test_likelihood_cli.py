@@ -168,3 +168,31 @@ def test_salmon_interface_returns_the_cli_log_likelihoods(world, tmp_path):
     assert _results(out)["metrics"]["salmon/accuracy/sentiment_consistency"] == pytest.approx(sum(results) / 3)
     with pytest.raises(ValueError, match=r"wavs\[0\]: expected a non-empty"):
         model.log_likelihood([torch.zeros(1, 0)])
+
+
+def test_compare_two_likelihood_runs(world, tmp_path, capsys):
+    """Paired accuracy difference over ids, by hand from the two runs' items.csv and pairs.csv."""
+    import numpy as np
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_argv(world, a)) == 0
+    assert main(_argv(world, b, "--user-stream", "zero")) == 0
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--bootstrap", "200"]) == 0
+    assert "| accuracy |" in capsys.readouterr().out
+    got = json.loads((tmp_path / "cmp" / "compare.json").read_text())["comparisons"]["accuracy"]["overall"]
+    items = {r: {k: float(v["log_likelihood"]) for k, v in _items(r).items()} for r in (a, b)}
+    pairs = list(csv.DictReader(open(a / "pairs.csv")))
+    per_unit: dict[str, list[tuple[float, float]]] = {}
+    disagree = 0
+    for p in pairs:
+        sa, sb = ((1.0 if items[r][p["positive"]] > items[r][p["negative"]] else 0.0) for r in (a, b))
+        per_unit.setdefault(p["unit"], []).append((sa, sb))
+        disagree += sa != sb
+    diff = np.mean([np.mean([y for _, y in v]) - np.mean([x for x, _ in v]) for v in per_unit.values()])
+    assert got["units"] == 4 and got["pairs"] == 8
+    assert got["difference"] == pytest.approx(diff) and got["disagreement_share"] == pytest.approx(disagree / 8)
+    assert got["accuracy_a"] == pytest.approx(_results(a)["metrics"]["swuggy/accuracy"])
+    c = tmp_path / "c"
+    make_salmon(tmp_path / "sal", parts=("rir_consistency",))
+    assert main(_argv(world, c, "--parts", "rir_consistency", task="salmon", data=tmp_path / "sal")) == 0
+    assert main(["compare", str(a), str(c), "--out", str(tmp_path / "cmp2")]) == 1
+    assert "not of the same benchmark: task: 'swuggy' vs 'salmon'" in capsys.readouterr().err
