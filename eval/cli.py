@@ -307,7 +307,25 @@ def run_demo(args: argparse.Namespace) -> int:
 
     job = EvalJob(argv=args.argv, out=args.out, audio_dir=audio_dir, select=select, load=load,
                   identity=identity, args=args, hasher=_hasher(args))
-    return run_eval(job)
+    code = run_eval(job)
+    return code if code != 0 else _demo_likelihood(args)
+
+
+def _demo_likelihood(args: argparse.Namespace) -> int:
+    """The demo's likelihood part: generated minimal pairs (StoryCloze layout) scored by the demo model."""
+    from . import demo
+    from .likelihood import LikelihoodConfig, evaluate_likelihood
+    data = demo.demo_minimal_pairs(args.out / "demo_audio")
+    config = LikelihoodConfig("sstorycloze", data, text="pad", user_stream=args.user_stream, batch_size=3,
+                              chunk=args.chunk, bootstrap=min(args.bootstrap, 1000), progress=False,
+                              cache_dir=None if args.no_cache else args.cache_dir)
+    result = evaluate_likelihood(demo.demo_lm(args.seed), demo.demo_mimi(args.seed), config)
+    result.write(args.out / "likelihood", {"demo": True, "seed": args.seed})
+    acc = result.accuracies["sum"]["overall"]
+    print(f"moshi-eval demo likelihood: {len(result.data.pairs)} generated minimal pairs (right vs reversed "
+          f"ending), accuracy {acc['accuracy']:.3f} (random weights: plumbing, not a trained model); "
+          f"results in {args.out / 'likelihood'}")
+    return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:

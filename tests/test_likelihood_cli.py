@@ -196,3 +196,13 @@ def test_compare_two_likelihood_runs(world, tmp_path, capsys):
     assert main(_argv(world, c, "--parts", "rir_consistency", task="salmon", data=tmp_path / "sal")) == 0
     assert main(["compare", str(a), str(c), "--out", str(tmp_path / "cmp2")]) == 1
     assert "not of the same benchmark: task: 'swuggy' vs 'salmon'" in capsys.readouterr().err
+
+
+def test_demo_prints_a_likelihood_result(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--max-chapters", "1", "--max-frames", "40", "--bootstrap", "50",
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert "moshi-eval demo likelihood: 3 generated minimal pairs" in capsys.readouterr().out
+    body = _results(out / "likelihood")
+    assert body["task"] == "sstorycloze" and body["pairs_scored"] == 3 and body["demo"] is True
+    assert 0.0 <= body["metrics"]["sstorycloze/accuracy"] <= 1.0
