@@ -60,6 +60,7 @@ class BenchmarkData:
     has_gold: bool = True
     split: str | None = None
     parts: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)   # where the official scorer would pair differently
 
     def limit(self, num_pairs: int) -> "BenchmarkData":
         """The first `num_pairs` pairs and their files (without gold: the first `num_pairs` files)."""
@@ -70,7 +71,7 @@ class BenchmarkData:
         pairs = self.pairs[:num_pairs]
         used = {k for p in pairs for k in (p.positive, p.negative)}
         return BenchmarkData(self.task, self.root, {k: v for k, v in self.files.items() if k in used}, pairs,
-                             self.skipped, True, self.split, self.parts)
+                             self.skipped, True, self.split, self.parts, self.notes)
 
 
 def _skip(skipped: list[dict], strict: bool, entry: dict) -> None:
@@ -158,7 +159,17 @@ def load_zerospeech(data: Path, task: str, split: str = "dev", strict: bool = Fa
                 else:
                     attributes = {"type": r["type"], "subtype": r["subtype"]}
                 pairs.append(Pair(r["filename"], w["filename"], unit, voice, attributes))
-    return BenchmarkData(task, root, files, pairs, skipped, has_gold=True, split=split)
+    notes = []
+    if part == "syntactic":
+        # The official syntactic.py pairs the k-th correct row of gold.csv with its k-th incorrect row (it
+        # concatenates the two lists side by side); on a gold.csv ordered alike that is the same id and voice.
+        right = [r["filename"] for _, r in rows if r["correct"] == "1"]
+        wrong = [r["filename"] for _, r in rows if r["correct"] == "0"]
+        if set(zip(right, wrong)) != {(p.positive, p.negative) for p in pairs}:
+            notes.append(f"{gold}: the official scorer pairs the k-th correct row with the k-th incorrect row, "
+                         "which here is not always the pair of the same id and voice used here: its figure "
+                         "would differ")
+    return BenchmarkData(task, root, files, pairs, skipped, has_gold=True, split=split, notes=notes)
 
 
 def _read_gold(path: Path, part: str) -> list[tuple[int, dict]]:

@@ -294,6 +294,7 @@ class LikelihoodResult:
             "pairs_scored": pairs_scored,
             "pairs_in_data": len(self.data.pairs),
             "skipped": self.skipped,
+            "notes": self.data.notes,
             "accuracy": self.accuracies.get(PRIMARY, self.accuracies),
             "accuracy_per_token": self.accuracies.get("mean"),
             "metrics": self.metrics,

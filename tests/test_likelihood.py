@@ -361,3 +361,14 @@ def test_unpaired_storycloze_and_salmon_groups(tmp_path):
     assert len(data.pairs) == 1 and "3 file(s)" in data.skipped[0]["reason"]
     with pytest.raises(DataError, match="rir_consistency sample 1: 3 file"):
         load_benchmark("salmon", salmon, parts=["rir_consistency"], strict=True)
+
+
+def test_sblimp_gold_order_that_the_official_scorer_would_pair_differently_is_noted(tmp_path):
+    rows = make_zerospeech(tmp_path, "syntactic", ids=2, voices=1)
+    assert load_benchmark("sblimp", tmp_path).notes == []
+    gold = tmp_path / "syntactic" / "dev" / "gold.csv"
+    write_gold(gold, [rows[0], rows[1], rows[3], rows[2]], SYNTACTIC_HEADER)    # same pairs, other row order
+    assert load_benchmark("sblimp", tmp_path).notes == []
+    write_gold(gold, [rows[0], rows[3], rows[2], rows[1]], SYNTACTIC_HEADER)    # correct 0, 1; incorrect 1, 0
+    notes = load_benchmark("sblimp", tmp_path).notes
+    assert len(notes) == 1 and "k-th correct row" in notes[0]
