@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import moshi_like  # noqa: E402
 
 from moshi_eval.demo import demo_lm  # noqa: E402
+from moshi_eval.likelihood import kv_sized_to  # noqa: E402
 from moshi_eval.scoring import DEFAULT_CHUNK, score_sequences  # noqa: E402
 from moshi_patch import LMGen  # noqa: E402
 
@@ -49,15 +50,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_scoring(lm_model, codes, groups, text: str, chunk: int) -> tuple[float, list[float]]:
+def time_scoring(lm_model, codes, groups, text: str, chunk: int, sized: bool = True) -> tuple[float, list[float]]:
     lm_gen = LMGen(lm_model, use_sampling=False)
     out = [0.0] * len(codes)
     sync(lm_model.device)
     start = time.perf_counter()
     for group in groups:
-        for s in score_sequences(lm_gen, [codes[i] for i in group], user_stream="zero", text=text,
-                                 progress=False, chunk=chunk):
-            out[group[s.index]] = -float(s.codebook_ce.astype("float64").sum())
+        # As `moshi-eval likelihood` (score_files): the temporal KV caches sized to the batch unless --full-kv.
+        steps = max(codes[i].shape[-1] for i in group) + lm_gen.max_delay
+        with kv_sized_to(lm_model, steps if sized else 10**9):
+            for s in score_sequences(lm_gen, [codes[i] for i in group], user_stream="zero", text=text,
+                                     progress=False, chunk=chunk):
+                out[group[s.index]] = -float(s.codebook_ce.astype("float64").sum())
     sync(lm_model.device)
     return time.perf_counter() - start, out
 
@@ -101,6 +105,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--models", default="demo,moshi-118M", help=f"comma separated, among {list(MODELS)}")
     parser.add_argument("--texts", default="pad,zero,predicted")
+    parser.add_argument("--full-kv", action="store_true",
+                        help="also time scoring with KV caches of the model's whole context (before kv_sized_to)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {args.dtype}, threads {torch.get_num_threads()}, "
@@ -120,6 +126,10 @@ def main() -> None:
             for text in args.texts.split(","):
                 scored = min((time_scoring(lm_model, codes, groups, text, args.chunk) for _ in range(args.rounds)),
                              key=lambda r: r[0])
+                if args.full_kv:
+                    full = min((time_scoring(lm_model, codes, groups, text, args.chunk, sized=False)
+                                for _ in range(args.rounds)), key=lambda r: r[0])
+                    print(f"  {text + ' full KV':<10}{args.files / full[0]:>20.1f}")
                 if text == "predicted":
                     print(f"  {text:<10}{args.files / scored[0]:>20.1f}{'-':>17}{'-':>11}{'-':>11}{'-':>16}")
                     continue

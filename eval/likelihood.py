@@ -20,7 +20,7 @@ sWUGGY pairs of one id are averaged over voices, then ids are averaged (and by f
 then by type and subtype; StoryCloze over stories; SALMon per part over samples. Every accuracy has a
 bootstrap interval over those units. No data is never an accuracy: it is absent, with the reason.
 """
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 import csv
 from dataclasses import asdict, dataclass, field
 import datetime
@@ -38,6 +38,7 @@ import sphn
 import torch
 from tqdm import tqdm
 
+from moshi.modules.transformer import StreamingMultiheadAttention
 from moshi_patch import LMGen
 
 from . import distributed, report
@@ -392,6 +393,27 @@ class ItemStore:
         atomic_write(self.path(index), lambda f: f.write(text.encode()))
 
 
+@contextmanager
+def kv_sized_to(lm_model: tp.Any, steps: int) -> tp.Iterator[None]:
+    """Temporal self-attention limited to `steps` instead of `context` while scoring a batch of at most `steps`
+    streaming steps (its longest file + the max delay): every query of such a batch is less than `steps` from its
+    keys, so the mask `delta < context` keeps the same keys and the logits are those of the full context (up to
+    float rounding of a shorter softmax), while the KV caches (allocated with `context` slots when the stream
+    opens) are sized to the batch: on Moshi's 3000-frame context and files of a few seconds, attention over 3000
+    mostly masked slots per frame is what costs the time. Restored on exit."""
+    changed = []
+    for module in lm_model.transformer.modules():
+        if isinstance(module, StreamingMultiheadAttention) and not module.cross_attention and \
+                module.context is not None and module.context > steps:
+            changed.append((module, module.context))
+            module.context = steps
+    try:
+        yield
+    finally:
+        for module, context in changed:
+            module.context = context
+
+
 def _codes(mimi: tp.Any, path: Path, cache: CodeCache | None, num_codebooks: int) -> torch.Tensor:
     codes = cache.get(path) if cache is not None else None
     if codes is None:
@@ -445,9 +467,13 @@ def score_files(lm_gen: LMGen, mimi: tp.Any, data: BenchmarkData, config: Likeli
                     batch_skipped.append({"file": k, "reason": f"unreadable audio: {exc.reason}"})
             t1 = time.perf_counter()
             batch_scores = []
+            steps = max((int(c.shape[-1]) for c in codes), default=0) + lm_gen.max_delay
             if codes:
-                for result in score_sequences(lm_gen, codes, sequence_ids=ok_keys, user_stream=config.user_stream,
-                                              text=config.text, silence=silence, progress=False, chunk=config.chunk):
+                with kv_sized_to(lm_model, steps):
+                    results = list(score_sequences(lm_gen, codes, sequence_ids=ok_keys, text=config.text,
+                                                   user_stream=config.user_stream, silence=silence,
+                                                   progress=False, chunk=config.chunk))
+                for result in results:
                     ce = result.codebook_ce.astype(np.float64)
                     batch_scores.append(ItemScore(result.sequence_id, int(ce.shape[1]), int(ce.size),
                                                   float(-ce.sum())))

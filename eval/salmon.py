@@ -20,7 +20,7 @@ from moshi_patch import LMGen
 
 from .codes import encode_audio, silence_codes
 from .data import resample
-from .likelihood import NORMALIZATIONS, SILENCE_FRAMES
+from .likelihood import NORMALIZATIONS, SILENCE_FRAMES, kv_sized_to
 from .scoring import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS, score_sequences
 
 
@@ -88,9 +88,11 @@ class MoshiInferenceModel:
             self._silence = silence_codes(self.mimi, SILENCE_FRAMES)[:n]
         out = torch.empty(len(codes), dtype=torch.float64)
         lm_gen = LMGen(self.lm_model, use_sampling=False)
-        for s in score_sequences(lm_gen, codes, user_stream=self.user_stream, text=self.text,
-                                 silence=self._silence if self.user_stream == "silence" else None,
-                                 progress=False, chunk=self.chunk):
+        with kv_sized_to(self.lm_model, max(int(c.shape[-1]) for c in codes) + lm_gen.max_delay):
+            results = list(score_sequences(lm_gen, codes, user_stream=self.user_stream, text=self.text,
+                                           silence=self._silence if self.user_stream == "silence" else None,
+                                           progress=False, chunk=self.chunk))
+        for s in results:
             ce = s.codebook_ce.astype(np.float64)
             total = -float(ce.sum())
             out[s.index] = total if self.normalization == "sum" else total / ce.size

@@ -372,3 +372,21 @@ def test_sblimp_gold_order_that_the_official_scorer_would_pair_differently_is_no
     write_gold(gold, [rows[0], rows[3], rows[2], rows[1]], SYNTACTIC_HEADER)    # correct 0, 1; incorrect 1, 0
     notes = load_benchmark("sblimp", tmp_path).notes
     assert len(notes) == 1 and "k-th correct row" in notes[0]
+
+
+def test_kv_sized_to_the_batch_keeps_the_forward_numbers_and_restores_the_context(tmp_path):
+    """A model whose context (200 frames) is far longer than the files: the caches sized to the batch give the
+    log-likelihoods of LMModel.forward, and the model's attention context is restored after scoring."""
+    from moshi.modules.transformer import StreamingMultiheadAttention
+    torch.manual_seed(1)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=tiny_lm_config(card=64, context=200), device="cpu",
+                              dtype=torch.float32).eval()
+    mimi = make_tiny_mimi(0, bins=64)
+    root = make_storycloze(tmp_path / "sc", stories=2)
+    result = evaluate_likelihood(lm, mimi, LikelihoodConfig("sstorycloze", root, text="pad", bootstrap=0,
+                                                            batch_size=4, progress=False))
+    for key, s in result.scores.items():
+        expected, _ = forward_log_likelihood(lm, mimi, root / f"{key}.wav", "pad", "silence")
+        np.testing.assert_allclose(s.log_likelihood, expected, rtol=1e-5, atol=2e-3)
+    contexts = {m.context for m in lm.transformer.modules() if isinstance(m, StreamingMultiheadAttention)}
+    assert contexts == {200}
