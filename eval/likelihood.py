@@ -572,6 +572,7 @@ def run_likelihood(config: LikelihoodConfig, out: Path, load: tp.Callable[[], tp
     if out.exists() and not out.is_dir():
         raise LikelihoodConfigError(f"out: {out} exists and is not a directory.")
     out.mkdir(parents=True, exist_ok=True)
+    owned = not torch.distributed.is_initialized()    # a caller's process group is kept, never destroyed
     ranks = distributed.from_environment()
     try:
         with ExitStack() as stack:
@@ -598,7 +599,8 @@ def run_likelihood(config: LikelihoodConfig, out: Path, load: tp.Callable[[], tp
             ranks.barrier()
             return result
     finally:
-        ranks.close()
+        if owned:
+            ranks.close()
 
 
 def _print_summary(result: LikelihoodResult, out: Path) -> None:
