@@ -15,6 +15,8 @@ check_moshi_version("moshi_eval", SUPPORTED_MOSHI_EVAL)
 
 from .codes import CodeCache, encode_audio, encode_book, silence_codes  # noqa: E402
 from .data import AudioReadError, Book, Chapter, DataError, discover_books, read_audio, select_books  # noqa: E402
+from .benchmark_data import BenchmarkData, load_benchmark  # noqa: E402
+from .likelihood import LikelihoodConfig, LikelihoodResult, evaluate_likelihood  # noqa: E402
 from .loss import AudioCE, audio_cross_entropy  # noqa: E402
 from .metrics import summarize  # noqa: E402
 from .scoring import FrameLoss, NonFiniteLossError, SequenceScores, score, score_sequences  # noqa: E402
@@ -25,6 +27,7 @@ from .evaluator import EvalResult, LibriLightEvaluator, flat_metrics  # noqa: E4
 __all__ = [
     "CheckResult", "ConfigError", "EvalResult", "LibriLightConfig", "LibriLightEvaluator", "ModelSource", "RunConfig",
     "check_streaming", "demo_config", "flat_metrics",
+    "BenchmarkData", "LikelihoodConfig", "LikelihoodResult", "evaluate_likelihood", "load_benchmark",
     "AudioCE", "AudioReadError", "Book", "Chapter", "CodeCache", "DataError", "FrameLoss",
     "NonFiniteLossError", "SequenceScores", "audio_cross_entropy", "discover_books", "encode_audio",
     "encode_book", "read_audio", "score", "score_sequences", "select_books", "silence_codes", "summarize",

@@ -8,6 +8,8 @@ Subcommands:
   audiobook): no download, well under a minute on a CPU.
 - `check-streaming`: streaming logits against `LMModel.forward` (moshi_eval.check).
 - `compare RUN_DIR RUN_DIR ... --out DIR`: paired comparison of finished runs (moshi_eval.compare).
+- `likelihood --task {swuggy,sblimp,sstorycloze,tstorycloze,salmon} --data DIR --out DIR`: zero-shot
+  likelihood benchmarks (moshi_eval.likelihood).
 
 No finished work is lost: each book's results are written as soon as it is scored; rerunning the same
 command with the same `--out` skips finished books, and Ctrl-C / SIGTERM prints the command to resume.
@@ -15,7 +17,9 @@ command with the same `--out` skips finished books, and Ctrl-C / SIGTERM prints 
 import argparse
 import os
 from pathlib import Path
+import signal
 import sys
+import threading
 import typing as tp
 
 from . import check as check_module
@@ -28,10 +32,12 @@ from .config import ConfigError, LibriLightConfig, ModelSource, RunConfig, from_
 from .distributed import DistributedError, from_environment, rank_device
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
 from .hashing import FileHasher
+from .likelihood import LikelihoodConfigError
+from .likelihood_compare import LikelihoodCompareError
 from .lock import OutputBusyError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
-from .run import EXIT_INTERRUPTED, MIMI_FRAME_RATE, EvalJob, UsageError, run_eval
+from .run import EXIT_INTERRUPTED, MIMI_FRAME_RATE, EvalJob, UsageError, _raise_interrupt, run_eval
 from .scoring import DEFAULT_CHUNK, NonFiniteLossError, TEXT_MODES, USER_STREAMS
 
 EXIT_ERROR = 1
@@ -93,7 +99,8 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
     parser.add_argument("--user-stream", choices=USER_STREAMS, default="silence",
                         help="user audio stream: Mimi codes of digital silence (default), or zero (-1, no input)")
     parser.add_argument("--text", choices=TEXT_MODES, default="predicted",
-                        help="text stream: the model's own argmax (default) or forced to the padding token")
+                        help="text stream: the model's own argmax (default), forced to the padding token, or zero "
+                             "(-1, no text input)")
     parser.add_argument("--first-codebook-weight", type=_positive_float, default=DEFAULT_FIRST_CODEBOOK_WEIGHT,
                         help="weight of codebook 0 in audio_ce_weighted (default 100, as moshi-finetune's "
                              "example config; its loss function defaults to 1)")
@@ -205,9 +212,79 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_arguments(compare)
     compare.set_defaults(func=run_compare)
 
+    _add_likelihood_parser(subparsers)
     check_module.add_parser(subparsers)
     subparsers.choices["check-streaming"].set_defaults(func=run_check_streaming)
     return parser
+
+
+def _add_likelihood_parser(subparsers: tp.Any) -> None:
+    from .benchmark_data import SALMON_PARTS, SPLITS, TASKS
+    p = subparsers.add_parser(
+        "likelihood", help="sWUGGY, sBLIMP, spoken/topic StoryCloze, SALMon from the streaming state",
+        description="Zero-shot likelihood benchmarks: each audio file's log-likelihood under the streaming model "
+                    "(its codes teacher forced in the model's audio stream), pairs compared, accuracies "
+                    "aggregated as the official scorers do.")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", required=True, type=Path,
+                   help="swuggy/sblimp: the ZeroSpeech 2021 root (lexical/, syntactic/); sstorycloze/tstorycloze: "
+                        "the folder of <n>_<uuid>_correct.wav / _incorrect.wav; salmon: the SALMon root")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created; reused to resume)")
+    p.add_argument("--split", choices=SPLITS, default="dev", help="swuggy/sblimp split (test: no gold, "
+                                                                  "submission only)")
+    p.add_argument("--parts", default=None,
+                   help=f"salmon: comma-separated parts (default all: {','.join(SALMON_PARTS)})")
+    add_checkpoint_arguments(p)
+    p.add_argument("--text", choices=TEXT_MODES, default="predicted",
+                   help="text stream: the model's argmax (default), the padding token, or zero (-1, no input)")
+    p.add_argument("--user-stream", choices=USER_STREAMS, default="silence",
+                   help="user audio stream: Mimi codes of digital silence (default), or zero (-1, no input)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="files scored together, batched by length")
+    p.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, help="frames per streaming call")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--cache-dir", type=Path, default=None, help=f"Mimi code cache (default {default_cache_dir()})")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the code cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--bootstrap", type=_non_negative_int, default=DEFAULT_RESAMPLES,
+                   help="bootstrap resamples of the averaging units (ids, stories, samples); 0: no interval")
+    p.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED, help="seed of the bootstrap resamples")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N pairs only: a smoke run")
+    p.add_argument("--strict", action="store_true", help="fail on any skipped file or pair instead of listing it")
+    p.set_defaults(func=run_likelihood)
+
+
+def run_likelihood(args: argparse.Namespace) -> int:
+    import torch
+    from .likelihood import LikelihoodConfig, run_likelihood as likelihood_run
+    from .run import command_line
+    run = run_config(args)
+    source = from_values(ModelSource, args)
+    source.device = rank_device(source.device, from_environment())   # cuda:LOCAL_RANK under torchrun
+    config = LikelihoodConfig(
+        task=args.task, data=args.data, split=args.split,
+        parts=tuple(x for x in args.parts.split(",") if x) if args.parts else None, text=args.text,
+        user_stream=args.user_stream, batch_size=args.batch_size, chunk=args.chunk, limit=args.limit,
+        strict=args.strict, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
+        progress=not args.no_progress, cache_dir=None if run.no_cache else run.cache_dir)
+    hasher = _hasher(run)
+    resolved = resolve_checkpoint(source, hasher)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    previous = None
+    if threading.current_thread() is threading.main_thread():   # SIGTERM stops between two calls, as Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        likelihood_run(config, args.out, resolved.load, resolved.identity, command_line(args.argv), hasher)
+    except KeyboardInterrupt:
+        print(f"\nmoshi-eval: interrupted. Finished batches are kept in {args.out / 'items'}. Resume with the same "
+              f"command:\n  {command_line(args.argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        torch.set_num_threads(threads)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
 
 
 def select_librilight_books(args: LibriLightConfig) -> list[Book]:
@@ -285,7 +362,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     job = EvalJob(argv=run.argv, out=run.out, audio_dir=audio_dir, select=select, load=load,
                   identity=identity, config=config, run=run, hasher=_hasher(run))
-    return _eval_and_log(job, args)
+    code = _eval_and_log(job, args)
+    return code if code != 0 else _demo_likelihood(args, run, codec_seed)
 
 
 def run_check_streaming(args: argparse.Namespace) -> int:
@@ -306,6 +384,23 @@ def run_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def _demo_likelihood(args: argparse.Namespace, run: RunConfig, codec_seed: int) -> int:
+    """The demo's likelihood part: generated minimal pairs (StoryCloze layout) scored by the demo model."""
+    from . import demo
+    from .likelihood import LikelihoodConfig, evaluate_likelihood
+    data = demo.demo_minimal_pairs(run.out / "demo_audio")
+    config = LikelihoodConfig("sstorycloze", data, text="pad", user_stream=args.user_stream, batch_size=3,
+                              chunk=args.chunk, bootstrap=min(args.bootstrap, 1000), progress=False,
+                              cache_dir=None if run.no_cache else run.cache_dir)
+    result = evaluate_likelihood(demo.demo_lm(args.seed), demo.demo_mimi(codec_seed), config)
+    result.write(run.out / "likelihood", {"demo": True, "seed": args.seed})
+    acc = result.accuracies["sum"]["overall"]
+    print(f"moshi-eval demo likelihood: {len(result.data.pairs)} generated minimal pairs (right vs reversed "
+          f"ending), accuracy {acc['accuracy']:.3f} (random weights: plumbing, not a trained model); "
+          f"results in {run.out / 'likelihood'}")
+    return 0
+
+
 def run_compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise UsageError(f"compare needs at least 2 run folders, got {len(args.runs)}.")
@@ -321,6 +416,11 @@ def run_compare(args: argparse.Namespace) -> int:
         names = run_names(args.runs)
     if args.bootstrap < 1:
         raise UsageError("compare needs --bootstrap >= 1: its intervals are what it reports.")
+    from . import likelihood_compare
+    if all(likelihood_compare.is_likelihood_run(p) for p in args.runs):      # `moshi-eval likelihood` runs
+        lik = likelihood_compare.run_compare(args.runs, names, args.out, args.bootstrap, args.bootstrap_seed)
+        print(likelihood_compare.markdown(lik) + f"\nwritten: {args.out / 'compare.json'}, {args.out / 'compare.md'}")
+        return 0
     runs = [compare_module.load_run(path, name) for path, name in zip(args.runs, names)]
     own_at, own_window = compare_module.default_report_positions(runs)
     report_at = args.report_at or own_at or DEFAULT_REPORT_AT
@@ -348,7 +448,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
         return args.func(args)
     except (DataError, CheckpointError, ConfigError, loggers.LoggerError, report.ReportError, UsageError,
             NonFiniteLossError, OutputBusyError, compare_module.CompareError, check_module.StreamingCheckError,
-            DistributedError) as exc:
+            DistributedError, LikelihoodConfigError, LikelihoodCompareError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -173,5 +173,21 @@ def demo_audiobook_manifest() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(ASSETS_DIR.glob("*__*__*.json"))]
 
 
+def demo_minimal_pairs(dest: str | Path, stories: int = 3, seconds: float = 1.5, sample_rate: int = 16000) -> Path:
+    """Generated minimal pairs in the spoken StoryCloze layout, in `dest/likelihood_demo`: `<n>_demo_correct.wav`
+    is a speech-like signal, `<n>_demo_incorrect.wav` the same beginning with its last third time-reversed (a wrong
+    ending). 16 kHz, as the benchmarks' releases. Returns the folder (to pass as `--data`)."""
+    import sphn
+    root = Path(dest) / "likelihood_demo"
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(stories):
+        right = _calibration_audio(1000 + n, seconds, sample_rate)
+        cut = 2 * len(right) // 3
+        wrong = np.concatenate([right[:cut], right[cut:][::-1]])
+        sphn.write_wav(str(root / f"{n}_demo_correct.wav"), right, sample_rate)
+        sphn.write_wav(str(root / f"{n}_demo_incorrect.wav"), np.ascontiguousarray(wrong), sample_rate)
+    return root
+
+
 __all__ = ["ASSETS_DIR", "DEMO_LM_KWARGS", "DEMO_MIMI_CONFIG", "demo_audiobook", "demo_audiobook_manifest",
-           "demo_lm", "demo_mimi", "small_mimi_config"]
+           "demo_lm", "demo_mimi", "demo_minimal_pairs", "small_mimi_config"]

@@ -30,7 +30,7 @@ USER_STREAMS = ("silence", "zero")
 # frames, text forced: 64 frames per call score 19.7x faster than one, 128 frames 22x, 256 no faster; the
 # chunk's logits stay small ([B, 8, 128, 2048] audio, [B, 128, 32000] text).
 DEFAULT_CHUNK = 128
-TEXT_MODES = ("predicted", "pad")
+TEXT_MODES = ("predicted", "pad", "zero")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -181,8 +181,8 @@ def score_chunks(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_s
         codes: `[B, K, T]` (all sequences as long, unless `lengths`) or a list of `[K, T_i]`;
             K = `lm_model.dep_q`, tokens in `[0, card)`.
         user_stream: "silence" (the user stream holds `silence`) or "zero" (-1: no input).
-        text: "predicted" (the model's argmax: needs `use_sampling=False`) or "pad" (forced to
-            `lm_model.text_padding_token_id`).
+        text: "predicted" (the model's argmax: needs `use_sampling=False`), "pad" (forced to
+            `lm_model.text_padding_token_id`) or "zero" (-1, `zero_token_id`: no text input, the in-house setting).
         silence: for "silence", Mimi codes of digital silence `[n_q - dep_q, n]` or `[n_q - dep_q]`; user
             frame f is column `min(f, n - 1)` (silence codes are constant after a few frames).
         max_frames: score at most this many frames of each sequence.
@@ -233,7 +233,8 @@ def score_chunks(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_s
     forced_audio = torch.full((B, K, T + delay), lm_model.zero_token_id, dtype=torch.long)
     forced_audio[:, :, :T] = batch[:, :, :T]
     targets_all = forced_audio.to(device)
-    text_value = lm_model.ungenerated_token_id if text == "predicted" else lm_model.text_padding_token_id
+    text_value = {"predicted": lm_model.ungenerated_token_id, "pad": lm_model.text_padding_token_id,
+                  "zero": lm_model.zero_token_id}[text]
     if user is None:
         user = torch.full((num_user, 1), lm_model.zero_token_id, dtype=torch.long)
 

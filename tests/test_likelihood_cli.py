@@ -1,0 +1,208 @@
+"""`moshi-eval likelihood`: end to end on a tiny checkpoint, resume after SIGTERM (bitwise), configuration identity,
+lock, torchrun data-parallel with the numbers of one process, compare of two runs."""
+import csv
+import json
+import os
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
+from moshi_eval.cli import main
+from moshi_eval.likelihood import LikelihoodConfig, evaluate_likelihood
+from moshi_eval.lock import OutputLock
+from test_likelihood import make_salmon, make_zerospeech
+
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lik")
+    ckpt = write_tiny_checkpoint(root / "ckpt")
+    make_zerospeech(root / "zr", "lexical", ids=4, voices=2, seed=1)
+    return {"root": root, "ckpt": ckpt, "data": root / "zr", "cache": root / "cache"}
+
+
+def _argv(world, out: Path, *extra: str, task: str = "swuggy", data: Path | None = None) -> list[str]:
+    return ["likelihood", "--task", task, "--data", str(data or world["data"]), "--out", str(out),
+            "--cache-dir", str(world["cache"]), "--threads", "1", "--no-progress", "--text", "zero",
+            "--batch-size", "3", "--bootstrap", "100", *world["ckpt"]["cli_args"], *extra]
+
+
+def _items(out: Path) -> dict[str, dict]:
+    return {r["file"]: r for r in csv.DictReader(open(out / "items.csv"))}
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_cli_end_to_end_equals_library(world, tmp_path):
+    out = tmp_path / "run"
+    assert main(_argv(world, out)) == 0
+    body = _results(out)
+    items = _items(out)
+    assert len(items) == 16 and body["files_scored"] == 16 and body["pairs_scored"] == 8
+    assert body["conventions"]["text"] == "zero" and body["model"]["moshi_weights"]["sha256"]
+    assert body["metrics"]["swuggy/accuracy"] == body["accuracy"]["overall"]["accuracy"]
+    submission = (out / "submission" / "lexical" / "dev.txt").read_text().splitlines()
+    assert {line.split(" ")[0]: float(line.split(" ")[1]) for line in submission} == \
+        {k: float(r["log_likelihood"]) for k, r in items.items()}
+    lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
+    lib = evaluate_likelihood(lm, mimi, LikelihoodConfig("swuggy", world["data"], text="zero", batch_size=3,
+                                                         bootstrap=100, progress=False))
+    assert {k: float(r["log_likelihood"]) for k, r in items.items()} == \
+        {k: s.log_likelihood for k, s in lib.scores.items()}
+    assert body["metrics"] == pytest.approx(lib.metrics)
+
+
+def test_other_configuration_refused_and_lock(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_argv(world, out, "--limit", "2")) == 0
+    assert _results(out)["smoke_run"] is True
+    assert main(_argv(world, out, "--limit", "2", "--chunk", "7")) == 1
+    assert "holds results of another configuration (chunk: stored 128, now 7)" in capsys.readouterr().err
+    with OutputLock(out, "another run"):
+        assert main(_argv(world, out, "--limit", "2")) == 1
+    assert "is in use by another moshi-eval run" in capsys.readouterr().err
+
+
+def test_bad_layout_exit_code_and_message(world, tmp_path, capsys):
+    assert main(_argv(world, tmp_path / "o", task="sblimp")) == 1
+    err = capsys.readouterr().err
+    assert "expected the ZeroSpeech 2021 layout for sblimp: <data>/syntactic/dev/*.wav" in err and "lexical" in err
+
+
+def _popen(argv: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "moshi_eval", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_resume_after_sigterm_is_bitwise_equal(world, tmp_path):
+    full = tmp_path / "full"
+    assert main(_argv(world, full, "--batch-size", "2")) == 0
+    out = tmp_path / "killed"
+    proc = _popen(_argv(world, out, "--batch-size", "2"))
+    deadline = time.time() + 120
+    try:
+        while not list((out / "items").glob("batch_*.json")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and "Resume with the same command" in err
+    done = len(list((out / "items").glob("batch_*.json")))
+    assert 1 <= done < 8 and not (out / "results.json").exists()
+    assert main(_argv(world, out, "--batch-size", "2")) == 0
+    body = _results(out)
+    assert body["resumed"] is True and body["runtime"]["files_resumed"] >= 2
+    assert _items(out) == _items(full)
+    assert body["metrics"] == _results(full)["metrics"]
+
+
+@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed")
+def test_torchrun_two_processes_equal_one(world, tmp_path):
+    one = tmp_path / "one"
+    assert main(_argv(world, one)) == 0
+    two = tmp_path / "two"
+    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "moshi_eval",
+                           *_argv(world, two)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _items(two) == _items(one)
+    assert _results(two)["metrics"] == _results(one)["metrics"]
+    assert _results(two)["runtime"]["processes"] == 2
+
+
+def test_salmon_cli_parts(world, tmp_path):
+    data = make_salmon(tmp_path / "salmon", parts=("gender_consistency",), samples=3)
+    out = tmp_path / "s"
+    assert main(_argv(world, out, "--parts", "gender_consistency", task="salmon", data=data)) == 0
+    body = _results(out)
+    assert set(body["accuracy"]) == {"part"} and "gender_consistency" in body["accuracy"]["part"]
+    assert "salmon/accuracy/gender_consistency" in body["metrics"]
+    assert not (out / "submission").exists()
+
+
+def test_salmon_interface_returns_the_cli_log_likelihoods(world, tmp_path):
+    """SALMon's harness loop (files of a part grouped by sample index, sorted, first = positive; batches of 2
+    samples) with `MoshiInferenceModel`: the CLI's per-file log-likelihoods and its part accuracy."""
+    import sphn
+    import torch
+    from moshi_eval.salmon import MoshiInferenceModel
+    data = make_salmon(tmp_path / "salmon", parts=("sentiment_consistency",), samples=3)
+    out = tmp_path / "s"
+    assert main(_argv(world, out, "--parts", "sentiment_consistency", task="salmon", data=data)) == 0
+    items = _items(out)
+    lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
+    model = MoshiInferenceModel(lm, mimi, sample_rate=16000, text="zero").to("cpu")
+    paths = sorted((data / "sentiment_consistency").glob("*.wav"))
+    groups: dict[int, list[str]] = {}
+    for p in paths:
+        groups.setdefault(int(p.stem.split("_")[1]), []).append(str(p))
+    samples = [sorted(g) for _, g in sorted(groups.items())]
+    results = []
+    for start in range(0, len(samples), 2):
+        batch = samples[start:start + 2]
+        pos = [torch.from_numpy(sphn.read(s[0])[0]) for s in batch]
+        neg = [torch.from_numpy(sphn.read(s[1])[0]) for s in batch]
+        lp, ln = model.log_likelihood(pos), model.log_likelihood(neg)
+        for s, a, b in zip(batch, lp.tolist(), ln.tolist()):
+            for path, value in ((s[0], a), (s[1], b)):
+                expected = float(items[f"sentiment_consistency/{Path(path).stem}"]["log_likelihood"])
+                assert value == pytest.approx(expected, rel=1e-5, abs=2e-3)
+        results += [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(lp.tolist(), ln.tolist())]
+    assert _results(out)["metrics"]["salmon/accuracy/sentiment_consistency"] == pytest.approx(sum(results) / 3)
+    with pytest.raises(ValueError, match=r"wavs\[0\]: expected a non-empty"):
+        model.log_likelihood([torch.zeros(1, 0)])
+
+
+def test_compare_two_likelihood_runs(world, tmp_path, capsys):
+    """Paired accuracy difference over ids, by hand from the two runs' items.csv and pairs.csv."""
+    import numpy as np
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_argv(world, a)) == 0
+    assert main(_argv(world, b, "--user-stream", "zero")) == 0
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--bootstrap", "200"]) == 0
+    assert "| accuracy |" in capsys.readouterr().out
+    got = json.loads((tmp_path / "cmp" / "compare.json").read_text())["comparisons"]["accuracy"]["overall"]
+    items = {r: {k: float(v["log_likelihood"]) for k, v in _items(r).items()} for r in (a, b)}
+    pairs = list(csv.DictReader(open(a / "pairs.csv")))
+    per_unit: dict[str, list[tuple[float, float]]] = {}
+    disagree = 0
+    for p in pairs:
+        sa, sb = ((1.0 if items[r][p["positive"]] > items[r][p["negative"]] else 0.0) for r in (a, b))
+        per_unit.setdefault(p["unit"], []).append((sa, sb))
+        disagree += sa != sb
+    diff = np.mean([np.mean([y for _, y in v]) - np.mean([x for x, _ in v]) for v in per_unit.values()])
+    assert got["units"] == 4 and got["pairs"] == 8
+    assert got["difference"] == pytest.approx(diff) and got["disagreement_share"] == pytest.approx(disagree / 8)
+    assert got["accuracy_a"] == pytest.approx(_results(a)["metrics"]["swuggy/accuracy"])
+    c = tmp_path / "c"
+    make_salmon(tmp_path / "sal", parts=("rir_consistency",))
+    assert main(_argv(world, c, "--parts", "rir_consistency", task="salmon", data=tmp_path / "sal")) == 0
+    assert main(["compare", str(a), str(c), "--out", str(tmp_path / "cmp2")]) == 1
+    assert "not of the same benchmark: task: 'swuggy' vs 'salmon'" in capsys.readouterr().err
+
+
+def test_demo_prints_a_likelihood_result(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--max-chapters", "1", "--max-frames", "40", "--bootstrap", "50",
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert "moshi-eval demo likelihood: 3 generated minimal pairs" in capsys.readouterr().out
+    body = _results(out / "likelihood")
+    assert body["task"] == "sstorycloze" and body["pairs_scored"] == 3 and body["demo"] is True
+    assert 0.0 <= body["metrics"]["sstorycloze/accuracy"] <= 1.0
