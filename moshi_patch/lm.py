@@ -21,6 +21,7 @@ import typing as tp
 import torch
 
 from moshi.models import lm as _upstream
+from moshi.models.lm import _LMGenState
 from moshi.utils.compile import CUDAGraphed
 from moshi.utils.sampling import sample_token
 
@@ -68,7 +69,7 @@ class _StepLogitsState:
     audio_logits: torch.Tensor | None  # [B, dep_q, max_delay + 1, card], audio logits by frame.
     graphed_depth: CUDAGraphed | None  # `_depformer_step_with_logits` (CUDA graphed on GPU).
     complete_from: torch.Tensor  # [B], first frame of each item whose logits are all kept.
-    offsets: torch.Tensor | None = None  # `state.offsets` as the last call left it.
+    offsets: torch.Tensor  # `state.offsets` as the last call left it.
     # Until tokens are forced for the first time, the forced ring holds only -2 and is not maintained.
     any_forced: bool = False
     # Whether some frame still to be returned may lack logits (`complete_from` is then checked).
@@ -81,7 +82,7 @@ class StepLogitsLMGen(_upstream.LMGen):
     markers, which the second upstream pull request adds to moshi. `step` and every other method are
     upstream's."""
 
-    def _init_streaming_state(self, batch_size: int) -> _upstream._LMGenState:
+    def _init_streaming_state(self, batch_size: int) -> _LMGenState:
         state = super()._init_streaming_state(batch_size)
         # The field the pull request declares on `_LMGenState`: no `step_with_logits` state until its first call.
         state.step_logits = None
@@ -92,13 +93,12 @@ class StepLogitsLMGen(_upstream.LMGen):
         """The stream's `_StepLogitsState`, made at the first call; frames before that have no logits."""
         state = self._streaming_state
         if state.step_logits is None:
-            state.step_logits = self._init_step_logits_state(state.batch_size)
-            state.step_logits.complete_from = state.offsets.clone()
-            state.step_logits.offsets = state.offsets
+            state.step_logits = self._init_step_logits_state(state)
         return state.step_logits
 
-    def _init_step_logits_state(self, batch_size: int) -> _StepLogitsState:
+    def _init_step_logits_state(self, state: _LMGenState) -> _StepLogitsState:
         lm_model = self.lm_model
+        batch_size = state.batch_size
         device, dtype = lm_model.device, lm_model.dtype
         ring = self.max_delay + 1
         text_card = lm_model.text_linear.out_features
@@ -112,7 +112,7 @@ class StepLogitsLMGen(_upstream.LMGen):
             graphed_depth = CUDAGraphed(self._depformer_step_with_logits, disable=device.type != 'cuda')
         return _StepLogitsState(
             torch.arange(batch_size, device=device), torch.arange(lm_model.dep_q, device=device), forced,
-            text_logits, audio_logits, graphed_depth, torch.zeros(batch_size, device=device, dtype=torch.long))
+            text_logits, audio_logits, graphed_depth, complete_from=state.offsets.clone(), offsets=state.offsets)
 
     def _check_logits_kept(self, logits_state: _StepLogitsState, frames: int = 1) -> None:
         """Raise before a call whose `frames` steps would return a frame some of whose logits were computed
@@ -414,8 +414,8 @@ class LMGen(StepLogitsLMGen):
         out = StepLogitsLMGen.step_with_logits(self, input_tokens)
         return None if out is None else out.tokens
 
-    def _init_step_logits_state(self, batch_size: int) -> _StreamLogitsState:
-        base = super()._init_step_logits_state(batch_size)
+    def _init_step_logits_state(self, state: _LMGenState) -> _StreamLogitsState:
+        base = super()._init_step_logits_state(state)
         disable = self.lm_model.device.type != 'cuda'
         return _StreamLogitsState(**vars(base), graphed_parallel=CUDAGraphed(self._parallel_depformer_logits,
                                                                              disable=disable))
@@ -516,7 +516,7 @@ class LMGen(StepLogitsLMGen):
         self.chunk_stats.frames += C
         return out
 
-    def _check_chunk_allowed(self, state: _upstream._LMGenState) -> None:
+    def _check_chunk_allowed(self, state: _LMGenState) -> None:
         if self.lm_model.training:
             raise RuntimeError("lm_model is in training mode: call lm_model.eval() before streaming, "
                                "dropout would make the logits random.")
