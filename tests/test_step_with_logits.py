@@ -547,3 +547,31 @@ def test_frames_computed_by_step_before_step_with_logits_are_refused(first: str)
         lm_gen.reset_streaming()
         outs = [lm_gen.step_with_logits(user[:, :, step:step + 1]) for step in range(4)]
     assert outs[1] is None and torch.isfinite(outs[-1].text_logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.skipif(LMGEN_UNDER_TEST == "upstream", reason="the pull request refuses frames computed by step()")
+def test_cuda_graphs_each_method_runs_its_own_depformer() -> None:
+    """Under CUDA graphs (captured once per graphed function), a stream mixing step() and step_with_logits,
+    forced or not, gives upstream's tokens, and a stream of step() alone too."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=8, device="cuda")
+    user = random_codes(lm, 2, 14, seed=11)[:, 1 + lm.dep_q:]
+    expected = upstream_tokens(lm, user, use_sampling=False, seed=0)
+    assert torch.equal(upstream_tokens(lm, user, use_sampling=False, seed=0, cls=LMGen), expected)
+    lm_gen = LMGen(lm, use_sampling=False)
+    outs = []
+    with lm_gen.streaming(2):
+        for step in range(user.shape[-1]):
+            frame = user[:, :, step:step + 1]
+            if step % 3 == 1:
+                out = lm_gen.step(frame)
+            else:
+                # Forcing the tokens step() chose (known from `expected`) keeps the stream on upstream's tokens.
+                forced = None
+                if step % 3 == 2 and step < expected.shape[-1]:
+                    forced = expected[:, :, step:step + 1]
+                out = lm_gen.step_with_logits(frame, forced)
+                out = None if out is None else out.tokens
+            if out is not None:
+                outs.append(out)
+    assert torch.equal(torch.cat(outs, dim=2), expected)
