@@ -2,6 +2,8 @@
 
 For each model it times, per frame (ms), on the same inputs:
   - `step`:             upstream `moshi.models.lm.LMGen.step()`, greedy;
+  - `moshi_patch step`: `moshi_patch.LMGen.step()` in a stream that never calls `step_with_logits` (it must
+                        cost what upstream's costs: <= 1.01x);
   - `swl free`:         `step_with_logits` with nothing forced (same tokens as `step()`);
   - `swl forced`:       text predicted, every audio codebook forced: the LibriLight scoring setting
                         (one parallel depformer call);
@@ -64,6 +66,8 @@ def time_method(lm_model: LMModel, method: str, codes: torch.Tensor, warmup: int
     B, _, T = codes.shape
     if method == "step":
         lm_gen: tp.Any = upstream_lm.LMGen(lm_model, use_sampling=False)
+    elif method == "moshi_patch step":
+        lm_gen = LMGen(lm_model, use_sampling=False)
     else:
         lm_gen = LMGen(lm_model, use_sampling=False)
         lm_gen.parallel_forced_depformer = method != "swl forced seq"
@@ -78,7 +82,7 @@ def time_method(lm_model: LMModel, method: str, codes: torch.Tensor, warmup: int
                 sync()
                 start = clock()
             user = codes[:, dep_q + 1:, max(step - 1, 0)][..., None]
-            if method == "step":
+            if method in ("step", "moshi_patch step"):
                 lm_gen.step(user)
             elif method == "swl free":
                 lm_gen.step_with_logits(user)
@@ -99,7 +103,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma separated, among {list(MODELS)}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    methods = ["step", "swl free", "swl forced", "swl forced seq"]
+    methods = ["step", "moshi_patch step", "swl free", "swl forced", "swl forced seq"]
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, {args.frames} frames x {args.rounds} rounds (fastest, and median)")
     for name in args.models.split(","):
@@ -118,10 +122,10 @@ def main() -> None:
         best = min(per_method["step"])
         median = statistics.median(per_method["step"])
         print(f"\n{name}: {params:.1f}M parameters")
-        print(f"  {'method':<16}{'ms/frame':>10}{'x step()':>10}{'median ms':>11}{'x step()':>10}")
+        print(f"  {'method':<18}{'ms/frame':>10}{'x step()':>10}{'median ms':>11}{'x step()':>10}")
         for method in methods:
             ms, ms_median = min(per_method[method]), statistics.median(per_method[method])
-            print(f"  {method:<16}{ms * 1e3:>10.2f}{ms / best:>10.2f}{ms_median * 1e3:>11.2f}"
+            print(f"  {method:<18}{ms * 1e3:>10.2f}{ms / best:>10.2f}{ms_median * 1e3:>11.2f}"
                   f"{ms_median / median:>10.2f}")
 
 

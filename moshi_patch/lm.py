@@ -1,17 +1,21 @@
 # moshi-patch: LMGen.step_with_logits, written to read as part of moshi/models/lm.py.
 #
 # Everything between an `# upstream-begin: <place>` and the matching `# upstream-end` line is inserted
-# verbatim into moshi/models/lm.py by `python -m moshi_patch.upstream` (the second pull request, on top of
-# the audio hooks of `moshi_patch.hooks`, the first): that code only uses names that moshi/models/lm.py
-# itself defines or imports.
+# verbatim into moshi/models/lm.py by `python -m moshi_patch.upstream` (the second pull request): that code
+# only uses names that moshi/models/lm.py itself defines or imports.
 """Moshi's `LMGen` with `step_with_logits`: the logits of each streaming step.
 
 Frame convention (the one of `LMModel.forward` codes and of what `LMGen.step` returns): at streaming step
 `s` (0-based), stream `k` produces its frame `s - delays[k]`; `step` returns frame `s - max_delay` of every
 model stream (None while `s < max_delay`). `step_with_logits` takes the forced tokens of frame `s`,
 undelayed, schedules each stream by its delay, and returns the tokens and logits of frame `s - max_delay`.
+
+A stream that never calls `step_with_logits` is upstream's: nothing is installed on the `LMGen` or its
+streaming state. The first `step_with_logits` call of a stream makes its `_StepLogitsState`; each call then
+lends `_step` a depformer step that records the logits (`_depformer_step_with_logits`, its own CUDA graph)
+and text hooks that force and record, each calling the caller's hook, and gives the caller's back.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import typing as tp
 
 import torch
@@ -21,7 +25,6 @@ from moshi.models.lm import _LMGenState
 from moshi.utils.compile import CUDAGraphed
 from moshi.utils.sampling import sample_token
 
-from . import hooks
 from .chunking import StreamingSnapshot, check_multi_frame_support, reserve_kv_steps
 
 __all__ = ["ChunkStats", "LMGen", "StepLogits"]
@@ -32,10 +35,11 @@ __all__ = ["ChunkStats", "LMGen", "StepLogits"]
 class StepLogits:
     """Output of `LMGen.step_with_logits`: the tokens of one frame and the logits they came from.
 
-    All three belong to the same frame: `s - max_delay` at step `s`. The logits are taken after CFG mixing,
-    are copies that stay valid after the next step, and keep the model's dtype (cast them to float32 before
-    a cross-entropy). The logits of a batch item that returned no frame (masked by `set_exec_mask`, or still
-    in its first `max_delay` steps after a reset) are NaN.
+    All three belong to the same frame: `s - max_delay` at step `s`. The logits are those the tokens were
+    chosen from: after CFG mixing and after the caller's `on_text_logits_hook`. They are copies that stay
+    valid after the next step, and keep the model's dtype (cast them to float32 before a cross-entropy).
+    The logits of a batch item that returned no frame (masked by `set_exec_mask`, or still in its first
+    `max_delay` steps after a reset) are NaN.
     """
 
     tokens: torch.Tensor  # [B, 1 + dep_q, 1], exactly what `step()` returns at this step.
@@ -45,7 +49,7 @@ class StepLogits:
 
 @dataclass
 class _StepLogitsState:
-    """Buffers of `LMGen.step_with_logits`, living as long as the streaming state.
+    """Everything `LMGen.step_with_logits` keeps for one stream, made by its first call in the stream.
 
     Because of the delays, the forced tokens of a frame are used up to `max_delay` steps after they were
     given, and the logits of a frame are complete `max_delay` steps after the first of them was computed.
@@ -53,8 +57,9 @@ class _StepLogitsState:
     A masked item (`set_exec_mask`) does not advance, so whatever a masked step writes lands in the slots of
     the item's current frame, which its next executed step writes again.
 
-    The hooks of `step_with_logits` read what to force at this step and write what they see in the buffers
-    below, which live as long as the stream (CUDA graphs capture the audio hooks with `depformer_step`).
+    A step run by `step()` keeps no logits. `_step` gives `state.offsets` a new tensor at each step, so a
+    step run outside `step_with_logits` shows as `state.offsets` not being the tensor the last call left:
+    the frames from `complete_from` on are the first whose logits are all kept.
     """
 
     batch_index: torch.Tensor  # [B], arange(B), to index the rings per item.
@@ -62,101 +67,120 @@ class _StepLogitsState:
     forced: torch.Tensor  # [B, 1 + dep_q, max_delay + 1], forced tokens by frame, -2 where not forced.
     text_logits: torch.Tensor  # [B, 1, max_delay + 1, text_card_out], text logits by frame.
     audio_logits: torch.Tensor | None  # [B, dep_q, max_delay + 1, card], audio logits by frame.
-    forced_now: torch.Tensor  # [B, 1 + dep_q], tokens to force at this step, -2 outside `step_with_logits`.
-    text_token: torch.Tensor  # [B], the text token of this step, as forced.
-    step_text_logits: torch.Tensor  # [B, text_card_out], the text logits of this step.
-    step_audio_logits: torch.Tensor | None  # [B, dep_q, card], the audio logits of this step.
-    hooks: dict[str, tp.Any] = field(default_factory=dict)  # The hooks installed for the stream, by name.
-    user_hooks: dict[str, tp.Any] = field(default_factory=dict)  # The caller's hooks they call in turn.
+    graphed_depth: CUDAGraphed | None  # `_depformer_step_with_logits` (CUDA graphed on GPU).
+    complete_from: torch.Tensor  # [B], first frame of each item whose logits are all kept.
+    offsets: torch.Tensor  # `state.offsets` as the last call left it.
     # Until tokens are forced for the first time, the forced ring holds only -2 and is not maintained.
     any_forced: bool = False
+    # Whether some frame still to be returned may lack logits (`complete_from` is then checked).
+    incomplete: bool = True
 # upstream-end
 
 
 class StepLogitsLMGen(_upstream.LMGen):
-    """`moshi.models.lm.LMGen` with `step_with_logits` of one frame per call, as the upstream pull requests
-    add it: the audio hooks of `depformer_step` (`moshi_patch.hooks`, rebuilt here from the installed moshi
-    when it lacks them) and the code between the upstream markers. `step` and every other method are
+    """`moshi.models.lm.LMGen` with `step_with_logits` of one frame per call: the code between the upstream
+    markers, which the second upstream pull request adds to moshi. `step` and every other method are
     upstream's."""
 
-    if not hooks.has_hooks(_upstream.LMGen):   # moshi without the first pull request: add its hooks
-        on_audio_logits_hook: tp.Optional[tp.Callable[[int, torch.Tensor], None]] = None
-        on_audio_token_hook: tp.Optional[tp.Callable[[int, torch.Tensor], None]] = None
-        depformer_step = hooks.hooked_depformer_step(_upstream)
-
-    def _init_streaming_state(self, batch_size: int) -> _upstream._LMGenState:
+    def _init_streaming_state(self, batch_size: int) -> _LMGenState:
         state = super()._init_streaming_state(batch_size)
-        # upstream-begin: init_streaming_state
-        state.step_logits = self._init_step_logits_state(state.batch_size)
-        self._install_step_logits_hooks(state)
-        # upstream-end
+        # The field the pull request declares on `_LMGenState`: no `step_with_logits` state until its first call.
+        state.step_logits = None
         return state
 
     # upstream-begin: LMGen
-    def _init_step_logits_state(self, batch_size: int) -> _StepLogitsState:
+    def _step_logits_state(self) -> _StepLogitsState:
+        """The stream's `_StepLogitsState`, made at the first call; frames before that have no logits."""
+        state = self._streaming_state
+        if state.step_logits is None:
+            state.step_logits = self._init_step_logits_state(state)
+        return state.step_logits
+
+    def _init_step_logits_state(self, state: _LMGenState) -> _StepLogitsState:
         lm_model = self.lm_model
+        batch_size = state.batch_size
         device, dtype = lm_model.device, lm_model.dtype
         ring = self.max_delay + 1
         text_card = lm_model.text_linear.out_features
         forced = torch.full((batch_size, 1 + lm_model.dep_q, ring), lm_model.ungenerated_token_id,
                             device=device, dtype=torch.long)
         text_logits = torch.full((batch_size, 1, ring, text_card), float('nan'), device=device, dtype=dtype)
-        audio_logits = step_audio_logits = None
+        audio_logits = graphed_depth = None
         if lm_model.depformer is not None:
             audio_logits = torch.full((batch_size, lm_model.dep_q, ring, lm_model.card), float('nan'),
                                       device=device, dtype=dtype)
-            step_audio_logits = audio_logits[:, :, 0].clone()
+            graphed_depth = CUDAGraphed(self._depformer_step_with_logits, disable=device.type != 'cuda')
         return _StepLogitsState(
             torch.arange(batch_size, device=device), torch.arange(lm_model.dep_q, device=device), forced,
-            text_logits, audio_logits, forced[:, :, 0].clone(), forced[:, 0, 0].clone(),
-            text_logits[:, 0, 0].clone(), step_audio_logits)
+            text_logits, audio_logits, graphed_depth, complete_from=state.offsets.clone(), offsets=state.offsets)
 
-    def _install_step_logits_hooks(self, state: _LMGenState) -> None:
-        """Installs the hooks of `step_with_logits` for the stream, each calling the caller's hook after it;
-        the caller's hooks are back when the stream ends. Outside `step_with_logits` they force nothing."""
-        logits_state = state.step_logits
-        assert logits_state is not None
-        ours = {'on_text_logits_hook': self._text_logits_hook, 'on_text_hook': self._text_hook,
-                'on_audio_logits_hook': self._audio_logits_hook, 'on_audio_token_hook': self._audio_token_hook}
-        logits_state.user_hooks = {name: getattr(self, name) for name in ours}
-
-        def chained(hook: tp.Callable, user_hook: tp.Callable | None) -> tp.Callable:
-            if user_hook is None:
-                return hook
-
-            def both(*args: tp.Any) -> None:
-                hook(*args)
-                user_hook(*args)
-            return both
-
-        logits_state.hooks = {name: chained(hook, logits_state.user_hooks[name]) for name, hook in ours.items()}
-        for name, hook in logits_state.hooks.items():
-            setattr(self, name, hook)
-        state.exit_stack.callback(lambda: [setattr(self, name, user_hook)
-                                           for name, user_hook in logits_state.user_hooks.items()])
-
-    def _step_logits_state(self) -> _StepLogitsState:
+    def _check_logits_kept(self, logits_state: _StepLogitsState, frames: int = 1) -> None:
+        """Raise before a call whose `frames` steps would return a frame some of whose logits were computed
+        by `step()` (which keeps none), or before this stream's first `step_with_logits` call."""
         state = self._streaming_state
-        assert state is not None and state.step_logits is not None, "step_with_logits hook outside a stream"
-        return state.step_logits
+        D = self.max_delay
+        if state.offsets is not logits_state.offsets:
+            # Steps ran outside step_with_logits: their frames have no logits, and nothing was forced there.
+            logits_state.complete_from = state.offsets.clone()
+            logits_state.forced.fill_(self.lm_model.ungenerated_token_id)
+            logits_state.incomplete = True
+        elif logits_state.incomplete:
+            # `reset_streaming` sets the offsets of the items it resets back to 0, in place.
+            logits_state.complete_from = torch.minimum(logits_state.complete_from, state.offsets)
+        if not logits_state.incomplete:
+            return
+        offsets = state.offsets
+        first_returned = (offsets - D).clamp(min=0)
+        returned = (first_returned < offsets + frames - D) & state.exec_mask
+        missing = returned & (first_returned < logits_state.complete_from)
+        flags = torch.stack([missing.any(), (offsets + frames - D >= logits_state.complete_from).all()]).cpu()
+        if flags[0]:
+            b = int(missing.nonzero()[0])
+            raise RuntimeError(
+                f"step_with_logits cannot return the logits of frame {int(first_returned[b])} (batch item {b}): "
+                f"they were computed by a step without logits (`step()` or `step_with_extra_heads()`, up to "
+                f"frame {int(logits_state.complete_from[b]) - 1}). Call step_with_logits at every step of a "
+                "stream whose logits you need, from its start, or call `reset_streaming()` first.")
+        logits_state.incomplete = not bool(flags[1])
 
-    def _text_logits_hook(self, text_logits: torch.Tensor) -> None:
-        self._step_logits_state().step_text_logits.copy_(text_logits[:, 0, 0])
+    def _depformer_step_with_logits(self, text_token: torch.Tensor, transformer_out: torch.Tensor,
+                                    forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The depformer of a `step_with_logits` step, codebook by codebook as `depformer_step`, sampling
+        alike, forcing the codebooks of `forced [B, dep_q]` that are not -2.
 
-    def _text_hook(self, text_token: torch.Tensor) -> None:
-        logits_state = self._step_logits_state()
-        forced = logits_state.forced_now[:, 0]
-        text_token.copy_(torch.where(forced == self.lm_model.ungenerated_token_id, text_token, forced))
-        logits_state.text_token.copy_(text_token)
+        Returns the tokens `[B, dep_q]` and the logits `[B, dep_q, card]` each was chosen from (after CFG).
+        """
+        lm_model = self.lm_model
+        assert lm_model.depformer is not None
+        cfg = self.cfg_coef != 1.
+        previous = text_token
+        tokens: list[torch.Tensor] = []
+        logits_per_codebook: list[torch.Tensor] = []
+        with lm_model.depformer.streaming(text_token.shape[0] * (2 if cfg else 1)):
+            for cb_index in range(lm_model.dep_q):
+                depformer_input = previous[:, None, None]
+                if cfg:
+                    depformer_input = depformer_input.repeat(2, 1, 1)
+                logits = self._mix_cfg(lm_model.forward_depformer(cb_index, depformer_input, transformer_out))
+                sampled = sample_token(logits.float(), self.use_sampling, self.temp, self.top_k)[:, 0, 0]
+                to_force = forced[:, cb_index]
+                previous = torch.where(to_force == lm_model.ungenerated_token_id, sampled, to_force)
+                tokens.append(previous)
+                logits_per_codebook.append(logits[:, 0, 0])
+        return torch.stack(tokens, dim=1), torch.stack(logits_per_codebook, dim=1)
 
-    def _audio_logits_hook(self, cb_index: int, logits: torch.Tensor) -> None:
-        logits_state = self._step_logits_state()
-        if logits_state.step_audio_logits is not None:
-            logits_state.step_audio_logits[:, cb_index].copy_(logits[:, 0, 0])
+    def _depformer_for_logits(self, logits_state: _StepLogitsState, text_token: torch.Tensor,
+                              transformer_out: torch.Tensor, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens `[B, dep_q]` and logits `[B, dep_q, card]` of the depformer at a `step_with_logits` step."""
+        assert logits_state.graphed_depth is not None
+        return logits_state.graphed_depth(text_token, transformer_out, forced)
 
-    def _audio_token_hook(self, cb_index: int, token: torch.Tensor) -> None:
-        forced = self._step_logits_state().forced_now[:, 1 + cb_index]
-        token.copy_(torch.where(forced == self.lm_model.ungenerated_token_id, token, forced))
+    def _mix_cfg(self, logits: torch.Tensor) -> torch.Tensor:
+        # Same mixing as `depformer_step`: [2 * B, ...] conditioned then unconditioned -> [B, ...].
+        if self.cfg_coef == 1.:
+            return logits
+        logits, logits_null = logits.chunk(2)
+        return logits_null + (logits - logits_null) * self.cfg_coef
 
     @torch.no_grad()
     def step_with_logits(self, input_tokens: torch.Tensor,
@@ -175,6 +199,10 @@ class StepLogitsLMGen(_upstream.LMGen):
         Returns:
             None exactly when `step()` would (the first `max_delay` steps), else the `StepLogits` of frame
             `s - max_delay`: its tokens (what `step()` returns) and the logits they came from.
+
+        The caller's `on_text_logits_hook` and `on_text_hook` are called as by `step()` (the latter with the
+        forced token); the logits returned are taken after the former. A frame some of whose logits were
+        computed by `step()` cannot be returned: that raises a RuntimeError.
         """
         state = self._streaming_state
         if state is None:
@@ -183,11 +211,6 @@ class StepLogitsLMGen(_upstream.LMGen):
         if lm_model.training:
             raise RuntimeError("lm_model is in training mode: call lm_model.eval() before streaming, "
                                "dropout would make the logits random.")
-        logits_state = self._step_logits_state()
-        replaced = [name for name, hook in logits_state.hooks.items() if getattr(self, name) is not hook]
-        if replaced:
-            raise RuntimeError(f"{replaced} were replaced during the stream: step_with_logits relies on its own "
-                               "hooks, which call the caller's; set the caller's hooks before `streaming()`.")
         B = state.batch_size
         input_tokens = self._check_step_tokens("input_tokens", input_tokens, lm_model.n_q - lm_model.dep_q, B)
         # Before the copy to the device: no sync for CPU tokens.
@@ -197,7 +220,8 @@ class StepLogitsLMGen(_upstream.LMGen):
             forced_tokens = self._check_step_tokens("forced_tokens", forced_tokens, 1 + lm_model.dep_q, B)
             self._check_token_range("forced_tokens", forced_tokens, 0)
             forced_tokens = forced_tokens.to(lm_model.device)
-            logits_state.any_forced = True
+        logits_state = self._step_logits_state()
+        self._check_logits_kept(logits_state)
 
         # `_step` replaces `state.offsets` by a new tensor, so this one keeps the frame of each item.
         offsets = state.offsets
@@ -205,22 +229,53 @@ class StepLogitsLMGen(_upstream.LMGen):
         # Frame produced at this step by each of the model's streams, and its slot in the rings.
         frames = offsets[:, None] - self.delays_cuda[None, :1 + lm_model.dep_q]
         slots = frames % ring
-        if logits_state.any_forced:
+        forced_now = torch.full_like(frames, lm_model.ungenerated_token_id)   # [B, 1 + dep_q]
+        if forced_tokens is not None or logits_state.any_forced:
+            logits_state.any_forced = True
             if forced_tokens is None:
-                forced_tokens = logits_state.forced[:, :, :1].clone().fill_(lm_model.ungenerated_token_id)
+                forced_tokens = forced_now[:, :, None]
             logits_state.forced[logits_state.batch_index, :, offsets % ring] = forced_tokens[:, :, 0]
-            forced_now = logits_state.forced.gather(2, slots[:, :, None])[:, :, 0]
             # Frames before the start of the stream are never seen by the model: nothing to force there.
-            logits_state.forced_now.copy_(torch.where(frames >= 0, forced_now, lm_model.ungenerated_token_id))
-        try:
-            out = self._step_for_logits(input_tokens)
-        finally:
-            logits_state.forced_now.fill_(lm_model.ungenerated_token_id)   # `step()` forces nothing.
+            forced_now = torch.where(frames >= 0, logits_state.forced.gather(2, slots[:, :, None])[:, :, 0],
+                                     forced_now)
+        kept: dict[str, torch.Tensor] = {}
+        caller_logits_hook, caller_text_hook = self.on_text_logits_hook, self.on_text_hook
 
-        logits_state.text_logits[logits_state.batch_index, 0, slots[:, 0]] = logits_state.step_text_logits
-        if logits_state.audio_logits is not None and logits_state.step_audio_logits is not None:
+        def on_text_logits(text_logits: torch.Tensor) -> None:
+            if caller_logits_hook is not None:
+                caller_logits_hook(text_logits)
+            kept['text'] = text_logits[:, 0, 0].clone()   # What the text token is sampled from.
+
+        def on_text(text_token: torch.Tensor) -> None:
+            forced_text = forced_now[:, 0]
+            text_token.copy_(torch.where(forced_text == lm_model.ungenerated_token_id, text_token, forced_text))
+            if caller_text_hook is not None:
+                caller_text_hook(text_token)
+
+        def depformer(text_token: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+            tokens, kept['audio'] = self._depformer_for_logits(logits_state, text_token, transformer_out,
+                                                               forced_now[:, 1:])
+            return tokens
+
+        # Lent to `_step` for this call only; a hook the caller sets meanwhile is the one left.
+        graphed_depth = state.graphed_depth
+        self.on_text_logits_hook, self.on_text_hook = on_text_logits, on_text
+        if graphed_depth is not None:
+            state.graphed_depth = depformer
+        try:
+            out = self._step(input_tokens)
+        finally:
+            state.graphed_depth = graphed_depth
+            if self.on_text_logits_hook is on_text_logits:
+                self.on_text_logits_hook = caller_logits_hook
+            if self.on_text_hook is on_text:
+                self.on_text_hook = caller_text_hook
+        logits_state.offsets = state.offsets
+
+        logits_state.text_logits[logits_state.batch_index, 0, slots[:, 0]] = kept['text']
+        if logits_state.audio_logits is not None:
             ring_index = (logits_state.batch_index[:, None], logits_state.codebook_index, slots[:, 1:])
-            logits_state.audio_logits[ring_index] = logits_state.step_audio_logits
+            logits_state.audio_logits[ring_index] = kept['audio']
         if out is None:
             return None
         tokens = out[0]
@@ -233,11 +288,6 @@ class StepLogitsLMGen(_upstream.LMGen):
             audio_logits = logits_state.audio_logits[logits_state.batch_index, :, out_slot][:, :, None]
             audio_logits = torch.where(no_frame, float('nan'), audio_logits)
         return StepLogits(tokens, text_logits, audio_logits)
-
-    def _step_for_logits(self, input_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`_step` with the hooks of `step_with_logits` forcing and recording (subclasses may compute the
-        depformer logits another way)."""
-        return self._step(input_tokens)
 
     def _check_step_tokens(self, name: str, tokens: torch.Tensor, num_streams: int,
                            batch_size: int, frames: int = 1) -> torch.Tensor:
@@ -325,71 +375,77 @@ class _ChunkPlan:
     text_free: torch.Tensor   # [B, C]
 
 
+@dataclass
+class _StreamLogitsState(_StepLogitsState):
+    """`_StepLogitsState` with what `moshi_patch.LMGen` keeps for a stream besides: the parallel depformer
+    of forced steps and the text verification window of chunks."""
+
+    graphed_parallel: CUDAGraphed | None = None  # `_parallel_depformer_logits` (CUDA graphed on GPU).
+    # Frames checked per pass when text is left to the model: grows while guesses are right, shrinks when
+    # they are not, so a model whose text is hard to guess costs about the one-frame path. It starts afresh
+    # with each stream: how a stream is cut into passes (hence its float rounding) must not depend on the
+    # streams before it.
+    text_window: int | None = None
+
+
 class LMGen(StepLogitsLMGen):
     """`moshi.models.lm.LMGen` with `step_with_logits` over one frame or a chunk of frames per call.
 
-    `step` and every other upstream method are unchanged. See `step_with_logits`.
+    A stream that never calls `step_with_logits` runs upstream's `step` and nothing else. In a stream that
+    has called it, `step()` is a `step_with_logits` step that forces nothing (same tokens, same sampling),
+    so that the logits of every later frame are kept: the two can be mixed freely.
     """
 
     def __init__(self, *args: tp.Any, **kwargs: tp.Any) -> None:
         super().__init__(*args, **kwargs)
         self.chunk_stats = ChunkStats()
-        # Frames checked per pass when text is left to the model: grows while guesses are right, shrinks
-        # when they are not, so a model whose text is hard to guess costs about the one-frame path. It
-        # starts afresh with each stream: how a stream is cut into passes (hence its float rounding) must
-        # not depend on the streams before it.
-        self._text_window: int | None = None
 
     # When every audio token of a step is forced, `step_with_logits` computes the depformer logits with one
     # parallel call instead of `dep_q` sequential ones (same logits). Set to False to always go sequential.
     parallel_forced_depformer: bool = True
 
-    def _init_streaming_state(self, batch_size: int) -> _LMGenState:
-        self._text_window = None
-        state = super()._init_streaming_state(batch_size)
-        disable = self.lm_model.device.type != 'cuda'
-        self._graphed_parallel_depformer = CUDAGraphed(self._parallel_depformer_logits, disable=disable)
-        return state
-
-    def _step_for_logits(self, input_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`_step`, with the depformer logits from one parallel call when every audio token is forced.
-
-        `_step` then takes the forced tokens in place of the depformer's (`depformer_replace_tokens`) and
-        returns the temporal transformer's output, from which the logits of the `dep_q` positions are
-        computed at once, as in training. It returns that output only once `max_delay` steps have run
-        (`offset_cpu`): before, some tokens are of frames before the start, never forced, so not every
-        audio token is forced anyway."""
+    def step(self, input_tokens: torch.Tensor,
+             depformer_replace_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        # No `torch.no_grad()` here: upstream's `step` and `step_with_logits` have theirs, and a stream that
+        # never calls `step_with_logits` must run exactly upstream's torch calls.
         state = self._streaming_state
-        logits_state: _StepLogitsState = state.step_logits
-        forced = logits_state.forced_now[:, 1:]
-        if (not self.parallel_forced_depformer or self.lm_model.depformer is None or not logits_state.any_forced
+        if state is None or state.step_logits is None or depformer_replace_tokens is not None:
+            return super().step(input_tokens, depformer_replace_tokens)
+        out = StepLogitsLMGen.step_with_logits(self, input_tokens)
+        return None if out is None else out.tokens
+
+    def _init_step_logits_state(self, state: _LMGenState) -> _StreamLogitsState:
+        base = super()._init_step_logits_state(state)
+        disable = self.lm_model.device.type != 'cuda'
+        return _StreamLogitsState(**vars(base), graphed_parallel=CUDAGraphed(self._parallel_depformer_logits,
+                                                                             disable=disable))
+
+    def _depformer_for_logits(self, logits_state: _StepLogitsState, text_token: torch.Tensor,
+                              transformer_out: torch.Tensor, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The depformer logits from one parallel call when every audio token of the step is forced, else
+        sequential. Before `max_delay` steps have run some tokens are of frames before the start, never forced,
+        so not every audio token is forced anyway."""
+        state = self._streaming_state
+        assert isinstance(logits_state, _StreamLogitsState) and logits_state.graphed_parallel is not None
+        if (not self.parallel_forced_depformer or not logits_state.any_forced
                 or state.offset_cpu < self.max_delay or not self._all_audio_forced(forced, state.exec_mask)):
-            return super()._step_for_logits(input_tokens)
-        out = self._step(input_tokens, forced[:, :, None].clone())
-        assert out is not None and logits_state.step_audio_logits is not None
-        logits = self._graphed_parallel_depformer(logits_state.text_token, out[1])
-        logits_state.step_audio_logits.copy_(logits)
-        return out
+            return super()._depformer_for_logits(logits_state, text_token, transformer_out, forced)
+        # Items that do not execute keep nothing of this step: their -2 is never written to the cache.
+        return forced, logits_state.graphed_parallel(text_token, transformer_out, forced)
 
     def _all_audio_forced(self, forced: torch.Tensor, exec_mask: torch.Tensor) -> bool:
         # Items that do not execute this step do not matter: their tokens are not kept.
         forced = forced != self.lm_model.ungenerated_token_id
         return bool((forced | ~exec_mask[:, None]).all())
 
-    def _mix_cfg(self, logits: torch.Tensor) -> torch.Tensor:
-        # Same mixing as `depformer_step`: [2 * B, ...] conditioned then unconditioned -> [B, ...].
-        if self.cfg_coef == 1.:
-            return logits
-        logits, logits_null = logits.chunk(2)
-        return logits_null + (logits - logits_null) * self.cfg_coef
-
-    def _parallel_depformer_logits(self, text_token: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
-        """Depformer logits `[B, dep_q, card]` of a step whose audio tokens are all forced, in one call.
+    def _parallel_depformer_logits(self, text_token: torch.Tensor, transformer_out: torch.Tensor,
+                                   forced: torch.Tensor) -> torch.Tensor:
+        """Depformer logits `[B, dep_q, card]` of a step whose audio tokens `forced [B, dep_q]` are all
+        forced, in one call.
 
         The inputs of the `dep_q` depformer positions are all known (the text token, then the forced
         codebooks), so the causal depformer runs over them at once as in training."""
         lm_model = self.lm_model
-        forced = self._streaming_state.step_logits.forced_now[:, 1:]
         # `forward_depformer_training` reads the text token at index 0 and codebook k - 1 at index k, and
         # expects all the codebooks of the model: the others are padded with the zero token, and unused.
         sequence = torch.full((forced.shape[0], lm_model.num_codebooks), lm_model.zero_token_id,
@@ -442,7 +498,9 @@ class LMGen(StepLogitsLMGen):
         else:
             forced_tokens = self._check_step_tokens("forced_tokens", forced_tokens, 1 + lm_model.dep_q, B, C)
             self._check_token_range("forced_tokens", forced_tokens, 0)
-            state.step_logits.any_forced = True
+        logits_state = self._step_logits_state()
+        self._check_logits_kept(logits_state, C)
+        logits_state.any_forced = True    # The chunk writes the ring of forced tokens.
         forced_tokens = forced_tokens.to(lm_model.device)
         plan = self._chunk_plan(input_tokens.to(lm_model.device), forced_tokens)
         if reserve_kv_steps(lm_model, C):
@@ -453,19 +511,20 @@ class LMGen(StepLogitsLMGen):
             audio_logits = self._chunk_depformer(plan.written[:, :, -C:], transformer_out)
         out = self._chunk_output(plan, text_logits, audio_logits)
         self._chunk_commit(plan, forced_tokens, text_logits, audio_logits)
+        logits_state.offsets = state.offsets
         self.chunk_stats.calls += 1
         self.chunk_stats.frames += C
         return out
 
-    def _check_chunk_allowed(self, state: _upstream._LMGenState) -> None:
+    def _check_chunk_allowed(self, state: _LMGenState) -> None:
         if self.lm_model.training:
             raise RuntimeError("lm_model is in training mode: call lm_model.eval() before streaming, "
                                "dropout would make the logits random.")
         if self.cfg_coef != 1.:
             raise ValueError(f"step_with_logits over several frames needs cfg_coef == 1, got {self.cfg_coef}: "
                              "give one frame per call.")
-        user_hooks = dict(state.step_logits.user_hooks, on_audio_hook=self.on_audio_hook)
-        hooks = [name for name, hook in user_hooks.items() if hook is not None]
+        hooks = [name for name in ("on_text_logits_hook", "on_text_hook", "on_audio_hook")
+                 if getattr(self, name) is not None]
         if hooks:
             raise ValueError(f"step_with_logits over several frames does not call the per-step hooks "
                              f"{hooks}: give one frame per call, or unset them.")
@@ -550,7 +609,8 @@ class LMGen(StepLogitsLMGen):
         transformer_out: torch.Tensor | None = None
         text_logits: torch.Tensor | None = None
         start = passes = 0
-        window = C if self._text_window is None else min(self._text_window, C)
+        logits_state: _StreamLogitsState = state.step_logits
+        window = C if logits_state.text_window is None else min(logits_state.text_window, C)
         while start < C:
             passes += 1
             if passes > 2 * C + 1:
@@ -601,7 +661,7 @@ class LMGen(StepLogitsLMGen):
                 start += right
             else:
                 window += right               # The right steps run again, with as many new ones.
-        self._text_window = window
+        logits_state.text_window = window
         assert transformer_out is not None and text_logits is not None
         return transformer_out, text_logits
 

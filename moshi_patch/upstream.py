@@ -2,17 +2,19 @@
 
     python -m moshi_patch.upstream --out DIR [--source LM_PY] [--run-tests]
 
-1. `DIR/1-audio-hooks/`: the minimal change, audio hooks in `LMGen.depformer_step` (`moshi_patch.hooks`),
-   with a test in upstream's style (`moshi/tests/test_lm_gen.py`);
-2. `DIR/2-step-with-logits/`: `LMGen.step_with_logits` built on those hooks and the text hooks.
+1. `DIR/1-audio-hooks/`: the minimal change, audio hooks in `LMGen.depformer_step`, taken by the constructor
+   like upstream's `on_text_logits_hook` (`moshi_patch.hooks`), with a test in upstream's style
+   (`moshi/tests/test_lm_gen.py`);
+2. `DIR/2-step-with-logits/`: `LMGen.step_with_logits`, rendered on top of the first (it does not need it:
+   it lends `_step` its own depformer step and text hooks for its calls only).
 Each folder holds the patched `moshi/models/lm.py`, the diff from the repository root (`<name>.patch`, paths
 `moshi/moshi/models/lm.py`: `git apply` or `patch -p1` in a kyutai-labs/moshi checkout), the same diff
 relative to the Python package's folder (`<name>.package.patch`: `patch -p1` in the folder that holds the
 `moshi` package, e.g. site-packages) and `PR.md` (the pull-request template's checklist, motivation, API,
 and with `--run-tests` the result of the tests run against a patched copy of the installed moshi).
 
-One source of truth: the hooks are the text of `moshi_patch.hooks`, which `moshi_patch` inserts into the
-installed `depformer_step` at import; the code of the second pull request is the code between the
+The hooks are the text of `moshi_patch.hooks`, inserted into a copy of moshi's lm.py here only (moshi_patch
+never changes the installed moshi). The code of the second pull request is the code between the
 `# upstream-begin: <place>` and `# upstream-end` markers of `moshi_patch/lm.py`, i.e. the code
 `moshi_patch.lm.StepLogitsLMGen` runs. The only line written here is the declaration of the `step_logits`
 field of `_LMGenState`. The upstream file is read as installed (or from `--source`) and located with `ast`:
@@ -43,15 +45,16 @@ REPO_PREFIX = "moshi/"             # kyutai-labs/moshi keeps the Python package 
 UPSTREAM_TEST = "tests/test_lm_gen.py"   # The first pull request's test, in the folder that holds `moshi`.
 HOOKS_NAME, STEP_LOGITS_NAME = "audio_hooks", "step_with_logits"
 PR_FOLDERS = {HOOKS_NAME: "1-audio-hooks", STEP_LOGITS_NAME: "2-step-with-logits"}
-PLACES = ("module", "init_streaming_state", "LMGen")
+PLACES = ("module", "LMGen")
 BEGIN, END = "# upstream-begin:", "# upstream-end"
 # Declared on `_LMGenState` so that the attribute `step_with_logits` keeps there is a field of the state.
-STATE_FIELD = ("# Buffers of `LMGen.step_with_logits`, see `_StepLogitsState`.",
+STATE_FIELD = ("# What `LMGen.step_with_logits` keeps for the stream, made by its first call.",
                "step_logits: _StepLogitsState | None = None")
 # Module-level names of moshi/models/lm.py the inserted code relies on (besides what it defines).
-REQUIRED_MODULE_NAMES = ("dataclass", "field", "torch", "tp")
-# `_step` is reused unchanged: the inserted code relies on it calling these hooks (`self.on_text_hook(...)`).
-REQUIRED_STEP_CALLS = ("on_text_logits_hook", "on_text_hook")
+REQUIRED_MODULE_NAMES = ("dataclass", "torch", "tp", "CUDAGraphed", "sample_token")
+# `_step` is reused unchanged: the inserted code relies on it calling these hooks (`self.on_text_hook(...)`)
+# and the depformer of the state (`state.graphed_depth(...)`), which it lends for its calls.
+REQUIRED_STEP_CALLS = ("on_text_logits_hook", "on_text_hook", "graphed_depth")
 ENV_TEST_LMGEN = "MOSHI_PATCH_TEST_LMGEN"  # `upstream` makes the oracle tests use `moshi.models.lm.LMGen`.
 
 
@@ -227,29 +230,12 @@ def _locate(tree: ast.Module, source_path: Path) -> dict[str, tuple[int, int]]:
     if missing:
         raise _shape_error(f"anchor missing: `LMGen._step` does not call {missing} (the hooks and the "
                            "depformer slot step_with_logits relies on)", source_path)
-
-    init = _method(lm_gen, "_init_streaming_state", source_path)
-    last = init.body[-1]
-    if not (isinstance(last, ast.Return) and isinstance(last.value, ast.Name) and last.value.id == "state"):
-        raise _shape_error("anchor missing: `LMGen._init_streaming_state` does not end with `return state`",
-                           source_path)
-    built = [n for n in init.body if isinstance(n, ast.Assign) and len(n.targets) == 1
-             and isinstance(n.targets[0], ast.Name) and n.targets[0].id == "state"
-             and isinstance(n.value, ast.Call) and isinstance(n.value.func, ast.Name)
-             and n.value.func.id == "_LMGenState"]
-    if len(built) != 1:
-        raise _shape_error("anchor missing: `LMGen._init_streaming_state` has no single "
-                           "`state = _LMGenState(...)`", source_path)
     first_line = min([d.lineno for d in state_cls.decorator_list] + [state_cls.lineno])
-    assert built[0].end_lineno is not None and lm_gen.end_lineno is not None
-    assert last_field.end_lineno is not None
+    assert lm_gen.end_lineno is not None and last_field.end_lineno is not None
     return {
         # Module level, right before `_LMGenState`, which declares a field of type `_StepLogitsState`.
         "module": (first_line - 1, 0),
         "state_field": (last_field.end_lineno, last_field.col_offset),
-        # Right after the state is built: the rings are per batch item, and the `batch_size` of this
-        # method is doubled just below when CFG is on.
-        "init_streaming_state": (built[0].end_lineno, built[0].col_offset),
         # At the end of the class body, after `depformer_step`.
         "LMGen": (lm_gen.end_lineno, lm_gen.body[0].col_offset),
     }
@@ -288,7 +274,7 @@ def _read_upstream(source_path: Path | str | None) -> tuple[Path, str, str]:
 
 
 def render_hooks(source_path: Path | str | None = None) -> Rendered:
-    """The first pull request: `moshi_patch.hooks` inserted into upstream's `moshi/models/lm.py`.
+    """The first pull request: `moshi_patch.hooks` inserted into a copy of upstream's `moshi/models/lm.py`.
 
     Raises:
         UpstreamShapeError: the upstream file lacks an anchor (another moshi), or has the hooks already.
@@ -296,16 +282,14 @@ def render_hooks(source_path: Path | str | None = None) -> Rendered:
     path, moshi_version, original = _read_upstream(source_path)
     tree = ast.parse(original, str(path))
     lm_gen = _class(tree, "LMGen", path)
-    if any(isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == "on_audio_token_hook"
-           for n in lm_gen.body):
-        raise _shape_error("`LMGen.on_audio_token_hook` exists already: this moshi has the audio hooks", path)
     init = _method(lm_gen, "__init__", path)
-    first = min([d.lineno for d in init.decorator_list] + [init.lineno])
+    if any(arg.arg == "on_audio_token_hook" for arg in init.args.args):
+        raise _shape_error("`LMGen.__init__` takes `on_audio_token_hook` already: this moshi has the audio hooks",
+                           path)
     try:
         places = hooks.insertions(original)
     except hooks.HookAnchorError as error:
         raise _shape_error(f"anchor missing: {error}", path) from error
-    places.append((first - 1, init.col_offset, hooks.ATTRIBUTES + "\n"))
     patched = hooks.insert(original, places)
     compile(patched, PATCH_PATH, "exec")
     new_files = {UPSTREAM_TEST: upstream_test_source()}
@@ -338,7 +322,6 @@ def render(source_path: Path | str | None = None, patch_source_path: Path | str 
     inserts = {
         "module": blocks["module"] + ["", ""],
         "state_field": list(STATE_FIELD),
-        "init_streaming_state": blocks["init_streaming_state"],
         "LMGen": [""] + blocks["LMGen"],
     }
     lines = original.split("\n")
@@ -484,15 +467,18 @@ def _step_with_logits_header(patched: str) -> str:
 CHECKLIST = "\n".join([
     "## Checklist",
     "",
-    "- [x] Read CONTRIBUTING.md, and accept the CLA by including the provided snippet. "
+    "(Left for the submitter to tick: this text was rendered by `python -m moshi_patch.upstream`, which runs only "
+    "the checks listed under \"Checks run\" below.)",
+    "",
+    "- [ ] Read CONTRIBUTING.md, and accept the CLA by including the provided snippet. "
     "We will not accept PR without this.",
-    "- [x] Run pre-commit hook.",
+    "- [ ] Run pre-commit hook.",
     "- [ ] If you changed Rust code, run `cargo check`, `cargo clippy`, `cargo test`. (no Rust code changed)",
     "",
     "> I, {your GitHub handle}, confirm that I have read and understood the terms of the CLA of Kyutai-labs, "
     "as outlined in the repository's CONTRIBUTING.md, and I agree to be bound by these terms.",
     "",
-    "(The submitter replaces `{your GitHub handle}` with theirs.)",
+    "(The submitter replaces `{your GitHub handle}` with theirs, if they accept the CLA.)",
     ""])
 
 
@@ -505,19 +491,35 @@ def _result(test_run: TestRun | None, what: str) -> str:
             f"{sys.version.split()[0]}). Command: `{test_run.command}`")
 
 
+def _checks_run(lint: str, test_run: TestRun | None, tests: str) -> str:
+    return "\n".join([
+        "## Checks run",
+        "",
+        f"- flake8 with moshi/setup.cfg's settings (max line 120, E203 and E704 ignored): {lint}.",
+        f"- {_result(test_run, tests)}",
+        "- Not run: the pre-commit hooks of the repository, pyright, GPU (CUDA graph) tests.",
+        ""])
+
+
 def hooks_pr_markdown(rendered: Rendered, test_run: TestRun | None, lint: str) -> str:
     return f"""# LMGen: audio hooks in depformer_step (on_audio_logits_hook, on_audio_token_hook)
 
 {CHECKLIST}
 ## PR Description
 
-`LMGen` lets a caller see the text logits of each step (`on_text_logits_hook`) and change the text token
-(`on_text_hook`), but nothing between the depth transformer's codebooks. This adds the same two things for
-the audio codebooks, called by `depformer_step` for each codebook `cb_index` in order:
+`LMGen` takes `on_text_logits_hook` (the text logits of each step) and `on_text_hook` (the text token) as
+constructor arguments, but gives nothing between the depth transformer's codebooks. This adds the same two
+things for the audio codebooks, as two more constructor arguments, called by `depformer_step` for each codebook
+`cb_index` in order:
 
 ```python
-{hooks.ATTRIBUTES.rstrip()}
+{hooks.PARAMETERS.rstrip()}
 ```
+
+- `on_audio_logits_hook(cb_index, logits)`: the logits `[B, 1, 1, card]` the codebook's token is sampled from
+  (after CFG); like `on_text_logits_hook`, it may edit them in place.
+- `on_audio_token_hook(cb_index, token)`: the token `[B]`, which the hook may change in place: the next
+  codebook is conditioned on it, and it is the token the step returns.
 
 Use: the loss of the *streaming* model, e.g. of a model with stateful layers (Test-Time-Training) whose state
 only exists while streaming: with `on_text_hook` and `on_audio_token_hook` a caller teacher-forces every
@@ -526,16 +528,16 @@ itself (KV cache, recurrent state), with no second forward pass. The test added 
 seeded model, the logits seen through the hooks under teacher forcing equal `LMModel.forward`'s (1e-4), and
 that hooks that change nothing leave the tokens of `step()` unchanged.
 
-- Size: +{rendered.added} -{rendered.removed} lines in `moshi/models/lm.py`; unset, the hooks cost one
-  attribute test per codebook. Under CUDA graphs they are captured with `depformer_step`, like the rest of it.
-- flake8 (moshi/setup.cfg): {lint}.
-- {_result(test_run, "Tests (`moshi/tests/test_lm_gen.py`)")}
-"""
+- Size: +{rendered.added} -{rendered.removed} lines in `moshi/models/lm.py`, new parameters last (positional
+  callers are not affected); unset, the hooks cost one attribute test per codebook. Under CUDA graphs they are
+  captured with `depformer_step`, like the rest of it.
+
+{_checks_run(lint, test_run, "Tests (`moshi/tests/test_lm_gen.py`)")}"""
 
 
 def pr_markdown(rendered: Rendered, test_run: TestRun | None, lint: str = "not run") -> str:
-    """The second pull request's description: checklist, motivation, API, design, tests and their result."""
-    return f"""# LMGen.step_with_logits: the logits of each streaming step (on top of the audio hooks PR)
+    """The second pull request's description: checklist, motivation, API, design, checks run and their result."""
+    return f"""# LMGen.step_with_logits: the logits of each streaming step
 
 {CHECKLIST}
 ## PR Description
@@ -544,8 +546,8 @@ def pr_markdown(rendered: Rendered, test_run: TestRun | None, lint: str = "not r
 *of the streaming model* (per frame and per codebook, over hour-long audio, e.g. to see whether models with
 stateful layers such as Test-Time-Training keep improving as the context grows) needs the logits those tokens
 came from, from the streaming state (KV cache, recurrent state), with the model's streams teacher forced by
-frame while the method handles the per-codebook delays. It builds on the text hooks and the audio hooks of
-the previous pull request; nothing is swapped per step.
+frame while the method handles the per-codebook delays. (Rendered on top of the audio hooks pull request; it
+does not use them.)
 
 ```python
 {_class_source(rendered.patched, "StepLogits")}
@@ -557,18 +559,25 @@ the previous pull request; nothing is swapped per step.
 
 - `forced_tokens`: optional `[B, 1 + dep_q, 1]`, frame `s` of the model's own streams, undelayed as the codes
   of `LMModel.forward`; `-2` leaves a token to the model (argmax, or sampled as `step()` samples). Returns
-  `None` exactly when `step()` does, then the tokens and logits of frame `s - max_delay`.
-- Design: the stream installs four hooks (text logits, text token, audio logits, audio token), each calling
-  the caller's own hook after it and restored when the stream ends; outside `step_with_logits` they force
-  nothing. Two rings of `max_delay + 1` frames (forced tokens, logits) handle the delays, per batch item, so
-  `reset_streaming` and `set_exec_mask` keep working.
-- Size: +{rendered.added} -{rendered.removed} lines in `moshi/models/lm.py`. flake8 (moshi/setup.cfg): {lint}.
+  `None` exactly when `step()` does, then the tokens and logits of frame `s - max_delay`. The logits are those
+  the tokens were chosen from: after CFG and after the caller's `on_text_logits_hook`.
+- Design: `step()` and every existing method are unchanged, and a stream that never calls `step_with_logits`
+  runs exactly today's code. Its first call makes the stream's `_StepLogitsState` (one field added to
+  `_LMGenState`): two rings of `max_delay + 1` frames (forced tokens, logits), per batch item, so that
+  `reset_streaming` and `set_exec_mask` keep working, and its own CUDA-graphed depformer step
+  (`_depformer_step_with_logits`: upstream's sampling, plus forcing and the logits). Each call lends `_step`
+  that depformer and text hooks that force and record, each calling the caller's hook, and puts the caller's
+  back (a hook the caller set meanwhile stays).
+- A frame some of whose logits were computed by `step()` (which keeps none) is refused with a RuntimeError
+  that says to call `step_with_logits` from the start of the stream or to `reset_streaming()`.
+- Size: +{rendered.added} -{rendered.removed} lines in `moshi/models/lm.py`.
 - Tests: teacher-forced equivalence with `LMModel.forward` (1e-4; KV context shorter and longer than the
   sequence, max delay 1 and 2, batch 2, multi-linear depformer, weights-per-step schedule, no depformer),
-  replays of generated tokens (greedy, sampled, partial forcing), parity with `step()`, exec mask, reset, CFG,
-  errors: `tests/test_step_with_logits.py` of moshi-patch.
-- {_result(test_run, "Oracle tests")}
-"""
+  replays of generated tokens (greedy, sampled, partial forcing), token identity with `step()` (greedy,
+  sampled under one seed, CFG, exec mask, reset), the caller's hooks, exec mask, reset, CFG logits, errors:
+  `tests/test_step_with_logits.py` of moshi-patch.
+
+{_checks_run(lint, test_run, "Oracle tests (`tests/test_step_with_logits.py`)")}"""
 
 
 def _torch_version() -> str:

@@ -250,7 +250,7 @@ def test_parallel_path_is_used_when_all_audio_is_forced(monkeypatch) -> None:
     from lm_factory import stream_teacher_forced
     lm = make_lm()
     calls = {"parallel": 0, "sequential": 0}
-    sequential, parallel = LMGen.depformer_step, LMGen._parallel_depformer_logits
+    sequential, parallel = LMGen._depformer_step_with_logits, LMGen._parallel_depformer_logits
 
     def count(name, fn):
         def wrapper(self, *args):
@@ -258,34 +258,9 @@ def test_parallel_path_is_used_when_all_audio_is_forced(monkeypatch) -> None:
             return fn(self, *args)
         return wrapper
 
-    monkeypatch.setattr(LMGen, "depformer_step", count("sequential", sequential))
+    monkeypatch.setattr(LMGen, "_depformer_step_with_logits", count("sequential", sequential))
     monkeypatch.setattr(LMGen, "_parallel_depformer_logits", count("parallel", parallel))
     stream_teacher_forced(LMGen(lm, use_sampling=False), random_codes(lm, 2, 10))
     # Step 0 produces frame -1 of the delayed codebooks (nothing to force) and the flush step forces
     # nothing: every other step has all its audio forced.
     assert calls == {"sequential": 2, "parallel": 9}
-
-
-def test_callers_hooks_still_run_and_replacing_one_mid_stream_is_refused() -> None:
-    """The caller's hooks, set before `streaming()`, see what step_with_logits forced, in order; they are back
-    on the LMGen after the stream; one replaced during the stream is an error naming it."""
-    lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=5)
-    codes = random_codes(lm, 2, 6)
-    seen_text, seen_audio, seen_logits = [], [], []
-    lm_gen = LMGen(lm, use_sampling=False, on_text_hook=lambda t: seen_text.append(t.clone()))
-    lm_gen.on_audio_token_hook = lambda cb, t: seen_audio.append((cb, t.clone()))
-    lm_gen.on_audio_logits_hook = lambda cb, logits: seen_logits.append(cb)
-    lm_gen.parallel_forced_depformer = False       # the audio hooks run in depformer_step
-    mine = (lm_gen.on_text_hook, lm_gen.on_audio_token_hook, lm_gen.on_audio_logits_hook)
-    with lm_gen.streaming(2):
-        for step in range(3):
-            user, forced = chunk_inputs(lm, codes, step, 1, "forced")
-            lm_gen.step_with_logits(user, forced)
-        assert torch.equal(seen_text[2], codes[:, 0, 2])                 # the forced text token
-        assert [cb for cb, _ in seen_audio[:3]] == [0, 1, 2] and seen_logits[:3] == [0, 1, 2]
-        assert torch.equal(seen_audio[6][1], codes[:, 1, 2])             # step 2, codebook 0: frame 2, forced
-        lm_gen.on_text_hook = lambda t: None
-        with pytest.raises(RuntimeError, match=r"\['on_text_hook'\] were replaced during the stream"):
-            lm_gen.step_with_logits(*chunk_inputs(lm, codes, 3, 1, "forced"))
-        lm_gen.on_text_hook = lm_gen._streaming_state.step_logits.hooks["on_text_hook"]
-    assert (lm_gen.on_text_hook, lm_gen.on_audio_token_hook, lm_gen.on_audio_logits_hook) == mine

@@ -156,6 +156,8 @@ def test_tokens_equal_upstream_step(use_sampling: bool) -> None:
         assert not torch.equal(upstream_tokens(lm, user, use_sampling, seed=4), expected)
 
 
+@pytest.mark.skipif(LMGEN_UNDER_TEST == "upstream", reason="the pull request refuses a frame computed by step() "
+                    "(test_step_first_then_step_with_logits_is_refused); moshi_patch.LMGen's step() keeps logits")
 def test_step_unchanged_after_step_with_logits() -> None:
     """Mixing both methods in one stream: `step()` continues the stream as upstream's would."""
     lm = make_lm()
@@ -166,7 +168,8 @@ def test_step_unchanged_after_step_with_logits() -> None:
     with lm_gen.streaming(1):
         for step in range(user.shape[-1]):
             frame = user[:, :, step:step + 1]
-            out = lm_gen.step_with_logits(frame) if step % 2 else lm_gen.step(frame)
+            # step_with_logits first: the logits of a frame computed by step() before it cannot be returned.
+            out = lm_gen.step(frame) if step % 2 else lm_gen.step_with_logits(frame)
             if out is not None:
                 outs.append(out.tokens if isinstance(out, StepLogits) else out)
     assert torch.equal(torch.cat(outs, dim=2), expected)
@@ -325,3 +328,250 @@ def test_error_training_mode() -> None:
     with lm_gen.streaming(1):
         with pytest.raises(RuntimeError, match=r"training mode.*lm_model.eval\(\)"):
             lm_gen.step_with_logits(torch.zeros(1, 2, 1, dtype=torch.long))
+
+
+# Item by item of the code that runs: no source rewriting, step() untouched, the logits the token came from.
+
+def _stream_tokens(lm_gen, user: torch.Tensor, method: str, schedule=None) -> torch.Tensor:
+    """Tokens of a stream of `method` calls (`step` or `step_with_logits`) on `user [B, Ku, S]`; `schedule`
+    maps a step to `("mask", exec_mask)` (set before the step) or `("reset", None)` (reset before it)."""
+    outs = []
+    with lm_gen.streaming(user.shape[0]):
+        for step in range(user.shape[-1]):
+            action, value = (schedule or {}).get(step, (None, None))
+            if action == "mask":
+                lm_gen.set_exec_mask(value)
+            elif action == "reset":
+                lm_gen.reset_streaming()
+            out = getattr(lm_gen, method)(user[:, :, step:step + 1])
+            if out is not None:
+                outs.append(out.tokens if isinstance(out, StepLogits) else out)
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("setting", ["cfg", "exec_mask", "reset"])
+@pytest.mark.parametrize("use_sampling", [False, True], ids=["greedy", "sampled"])
+def test_tokens_equal_upstream_step_cfg_mask_reset(setting: str, use_sampling: bool) -> None:
+    """Nothing forced, step_with_logits returns the tokens of upstream's `step()`, sampling under the same
+    seed, with CFG, with items masked by `set_exec_mask`, and across `reset_streaming`."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=8)
+    user = random_codes(lm, 2, 16, seed=12)[:, 1 + lm.dep_q:]
+    kwargs: dict = dict(use_sampling=use_sampling)
+    schedule = None
+    if setting == "cfg":
+        kwargs.update(cfg_coef=2.0, cfg_is_no_text=True)
+    elif setting == "exec_mask":
+        schedule = {4: ("mask", torch.tensor([True, False])), 7: ("mask", torch.tensor([True, True]))}
+    else:
+        schedule = {9: ("reset", None)}
+    torch.manual_seed(5)
+    expected = _stream_tokens(upstream_lm.LMGen(lm, **kwargs), user, "step", schedule)
+    torch.manual_seed(5)
+    got = _stream_tokens(LMGen(lm, **kwargs), user, "step_with_logits", schedule)
+    assert torch.equal(got, expected)
+    if use_sampling:   # Not vacuous: another seed samples other tokens.
+        torch.manual_seed(6)
+        assert not torch.equal(_stream_tokens(upstream_lm.LMGen(lm, **kwargs), user, "step", schedule), expected)
+
+
+_IMPORT_WITHOUT_SOURCE = """
+import sys, torch
+import moshi, moshi.models.lm
+assert moshi.__file__.endswith(".pyc") and moshi.__file__.startswith(sys.argv[1]), moshi.__file__
+import moshi_patch
+from lm_factory import make_lm, random_codes
+lm = make_lm()
+codes = random_codes(lm, 1, 4)
+lm_gen = moshi_patch.LMGen(lm, use_sampling=False)
+with lm_gen.streaming(1):
+    for step in range(3):
+        out = lm_gen.step_with_logits(codes[:, 1 + lm.dep_q:, :1], codes[:, :1 + lm.dep_q, step:step + 1])
+assert torch.equal(out.tokens[:, :, 0], codes[:, :1 + lm.dep_q, 1])
+print("OK")
+"""
+
+
+def test_import_with_a_moshi_installed_without_source(tmp_path) -> None:
+    """`import moshi_patch` reads no source of moshi: it works with a moshi of `.pyc` files only."""
+    import compileall
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    import moshi
+    copy = tmp_path / "site"
+    shutil.copytree(Path(moshi.__file__).parent, copy / "moshi", ignore=shutil.ignore_patterns("__pycache__"))
+    assert compileall.compile_dir(copy / "moshi", legacy=True, quiet=1)
+    for source in (copy / "moshi").rglob("*.py"):
+        source.unlink()
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", ""), str(tests)]),
+               NO_TORCH_COMPILE="1", MOSHI_PATCH_SKIP_VERSION_CHECK="1")
+    result = subprocess.run([sys.executable, "-c", _IMPORT_WITHOUT_SOURCE, str(copy)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
+class _OpCounter(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(LMGEN_UNDER_TEST == "upstream", reason="tests moshi_patch.LMGen.step against upstream's")
+def test_step_runs_upstream_code_until_step_with_logits() -> None:
+    """A stream that only calls `step()`: the same torch calls as upstream's `step()`, the caller's hooks
+    untouched, upstream's depformer graph, and no step_with_logits state."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2)
+    user = random_codes(lm, 2, 8, seed=3)[:, 1 + lm.dep_q:]
+
+    def on_text_logits(logits):
+        pass
+
+    def run(cls):
+        lm_gen = cls(lm, use_sampling=False, on_text_logits_hook=on_text_logits)
+        counter = _OpCounter()
+        with lm_gen.streaming(2):
+            state = lm_gen._streaming_state
+            with counter:
+                for step in range(user.shape[-1]):
+                    lm_gen.step(user[:, :, step:step + 1])
+            assert lm_gen.on_text_logits_hook is on_text_logits and lm_gen.on_text_hook is None
+            assert state.graphed_depth.func == lm_gen.depformer_step
+            assert getattr(state, "step_logits", None) is None
+        return counter.calls
+
+    upstream_calls = run(upstream_lm.LMGen)
+    assert len(upstream_calls) > 50
+    assert run(LMGen) == upstream_calls
+
+
+def test_callers_hooks_set_at_any_time_keep_working_and_are_never_reverted() -> None:
+    """The caller's text hooks, set before or during a stream, see what step_with_logits forced, also when
+    changed between steps; nothing puts back an older hook, during or after the stream."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=5)
+    codes = random_codes(lm, 2, 6)
+    seen_first, seen_second, seen_logits = [], [], []
+    lm_gen = LMGen(lm, use_sampling=False, on_text_hook=lambda t: seen_first.append(t.clone()))
+    with lm_gen.streaming(2):
+        for step in range(3):
+            lm_gen.step_with_logits(user_frame(codes, lm.dep_q, step), codes[:, :1 + lm.dep_q, step:step + 1])
+        assert torch.equal(seen_first[2], codes[:, 0, 2])       # the forced text token
+
+        def second(token: torch.Tensor) -> None:
+            seen_second.append(token.clone())
+
+        lm_gen.on_text_hook = second
+        lm_gen.on_text_logits_hook = lambda logits: seen_logits.append(logits.shape)
+        for step in range(3, 5):
+            lm_gen.step_with_logits(user_frame(codes, lm.dep_q, step), codes[:, :1 + lm.dep_q, step:step + 1])
+            assert lm_gen.on_text_hook is second
+        assert len(seen_first) == 3 and len(seen_second) == 2 and len(seen_logits) == 2
+        assert torch.equal(seen_second[1], codes[:, 0, 4])
+        lm_gen.step(user_frame(codes, lm.dep_q, 5))             # step() calls them too
+        assert len(seen_second) == 3
+    assert lm_gen.on_text_hook is second
+
+
+@pytest.mark.parametrize("use_sampling", [False, True], ids=["greedy", "sampled"])
+def test_returned_text_logits_are_those_after_the_callers_hook(use_sampling: bool) -> None:
+    """A caller's `on_text_logits_hook` that moves the argmax (as moshi's TTS edits the padding logit): the
+    logits returned are the edited ones, the token is drawn from them (greedy: their argmax)."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2)
+    user = random_codes(lm, 2, 10, seed=8)[:, 1 + lm.dep_q:]
+    target = 5
+
+    def boost(logits: torch.Tensor) -> None:
+        logits[..., target] += 1000.
+
+    torch.manual_seed(0)
+    outs = free_run(LMGen(lm, use_sampling=use_sampling, on_text_logits_hook=boost), user)
+    text = torch.cat([o.text_logits for o in outs], dim=2)
+    tokens = torch.cat([o.tokens for o in outs], dim=2)
+    assert (text.argmax(-1) == target).all()
+    assert (tokens[:, 0] == target).all()
+    if not use_sampling:
+        assert torch.equal(tokens[:, 1:], torch.cat([o.audio_logits for o in outs], 2).argmax(-1))
+
+
+@pytest.mark.skipif(LMGEN_UNDER_TEST == "upstream", reason="the pull request refuses frames computed by step()")
+@pytest.mark.parametrize("use_sampling", [False, True], ids=["greedy", "sampled"])
+def test_step_between_step_with_logits_calls_keeps_the_true_logits(use_sampling: bool) -> None:
+    """5 step_with_logits, 3 step(), 2 step_with_logits (the mix that returned frame 3's logits for frame 7):
+    the logits are those of a stream of step_with_logits calls alone, and the tokens those of step()."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=8)
+    user = random_codes(lm, 1, 10, seed=4)[:, 1 + lm.dep_q:]
+    torch.manual_seed(1)
+    alone = free_run(LMGen(lm, use_sampling=use_sampling), user)
+    lm_gen = LMGen(lm, use_sampling=use_sampling)
+    torch.manual_seed(1)
+    mixed = []
+    with lm_gen.streaming(1):
+        for step in range(10):
+            frame = user[:, :, step:step + 1]
+            if 5 <= step < 8:
+                tokens = lm_gen.step(frame)
+                assert torch.equal(tokens, alone[step - lm_gen.max_delay].tokens)
+            else:
+                mixed.append((step, lm_gen.step_with_logits(frame)))
+    for step, out in mixed[-2:]:
+        expected = alone[step - lm_gen.max_delay]
+        assert torch.equal(out.tokens, expected.tokens)
+        assert torch.isfinite(out.text_logits).all() and torch.isfinite(out.audio_logits).all()
+        assert torch.equal(out.text_logits, expected.text_logits)
+        assert torch.equal(out.audio_logits, expected.audio_logits)
+
+
+@pytest.mark.parametrize("first", ["step", "step_with_extra_heads"])
+def test_frames_computed_by_step_before_step_with_logits_are_refused(first: str) -> None:
+    """A frame whose logits were (partly) computed before the stream's first step_with_logits call, or by
+    `step_with_extra_heads`, cannot be returned: a RuntimeError says what to do; `reset_streaming` recovers."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2)
+    user = random_codes(lm, 2, 8, seed=4)[:, 1 + lm.dep_q:]
+    lm_gen = LMGen(lm, use_sampling=False)
+    with lm_gen.streaming(2):
+        for step in range(3):
+            if first == "step":
+                lm_gen.step(user[:, :, step:step + 1])
+            elif step == 0:
+                lm_gen.step_with_logits(user[:, :, step:step + 1])
+            else:
+                lm_gen.step_with_extra_heads(user[:, :, step:step + 1])
+        with pytest.raises(RuntimeError, match=r"cannot return the logits of frame \d+ \(batch item 0\).*step\(\)"
+                                               r".*from its start, or call `reset_streaming\(\)`"):
+            lm_gen.step_with_logits(user[:, :, 3:4])
+        lm_gen.reset_streaming()
+        outs = [lm_gen.step_with_logits(user[:, :, step:step + 1]) for step in range(4)]
+    assert outs[1] is None and torch.isfinite(outs[-1].text_logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.skipif(LMGEN_UNDER_TEST == "upstream", reason="the pull request refuses frames computed by step()")
+def test_cuda_graphs_each_method_runs_its_own_depformer() -> None:
+    """Under CUDA graphs (captured once per graphed function), a stream mixing step() and step_with_logits,
+    forced or not, gives upstream's tokens, and a stream of step() alone too."""
+    lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=8, device="cuda")
+    user = random_codes(lm, 2, 14, seed=11)[:, 1 + lm.dep_q:]
+    expected = upstream_tokens(lm, user, use_sampling=False, seed=0)
+    assert torch.equal(upstream_tokens(lm, user, use_sampling=False, seed=0, cls=LMGen), expected)
+    lm_gen = LMGen(lm, use_sampling=False)
+    outs = []
+    with lm_gen.streaming(2):
+        for step in range(user.shape[-1]):
+            frame = user[:, :, step:step + 1]
+            if step % 3 == 1:
+                out = lm_gen.step(frame)
+            else:
+                # Forcing the tokens step() chose (known from `expected`) keeps the stream on upstream's tokens.
+                forced = None
+                if step % 3 == 2 and step < expected.shape[-1]:
+                    forced = expected[:, :, step:step + 1]
+                out = lm_gen.step_with_logits(frame, forced)
+                out = None if out is None else out.tokens
+            if out is not None:
+                outs.append(out)
+    assert torch.equal(torch.cat(outs, dim=2), expected)

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -83,9 +82,12 @@ def test_outputs_written(rendered) -> None:
     for pr_path, title in ((paths[3], "# LMGen: audio hooks in depformer_step"),
                            (paths[7], "# LMGen.step_with_logits")):
         pr = pr_path.read_text()
-        for section in (title, "## Checklist", "- [x] Read CONTRIBUTING.md", "I, {your GitHub handle}, confirm",
-                        "## PR Description", "flake8 (moshi/setup.cfg)"):
+        for section in (title, "## Checklist", "- [ ] Read CONTRIBUTING.md", "- [ ] Run pre-commit hook.",
+                        "I, {your GitHub handle}, confirm", "## PR Description", "## Checks run",
+                        "flake8 with moshi/setup.cfg's settings", "Not run: the pre-commit hooks"):
             assert section in pr, (pr_path, section)
+        # The submitter ticks the checklist and accepts the CLA, not the renderer.
+        assert "- [x]" not in pr, pr_path
 
 
 @needs_patch
@@ -143,31 +145,31 @@ def test_first_pull_request_only_adds_the_hooks(rendered) -> None:
         line.strip() for line in (hooks.LOGITS_CALL + hooks.TOKEN_CALL).splitlines()]
     for name in ("def _step(", "def step("):
         assert next(s for s in before["LMGen"] if s.lstrip().startswith(name)) in after["LMGen"]
-    attributes = [line.strip() for line in hooks.ATTRIBUTES.splitlines()]
-    assert [line.strip() for line in _lines_added(first.original, first.patched)] == \
-        attributes + [line.strip() for line in (hooks.LOGITS_CALL + hooks.TOKEN_CALL).splitlines()]
+    # The hooks are constructor arguments, like `on_text_logits_hook`, appended after the last parameter.
+    init = next(n for n in ast.walk(ast.parse(first.patched)) if isinstance(n, ast.FunctionDef) and n.name == "__init__"
+                and "on_text_logits_hook" in [a.arg for a in n.args.args])
+    assert [a.arg for a in init.args.args][-2:] == ["on_audio_logits_hook", "on_audio_token_hook"]
+    assert [line.strip() for line in _lines_added(first.original, first.patched)] == [
+        line.strip() for line in (hooks.PARAMETERS + hooks.ASSIGNMENTS + hooks.LOGITS_CALL + hooks.TOKEN_CALL)
+        .splitlines()]
 
 
 def test_second_pull_request_leaves_upstream_code_unchanged(rendered) -> None:
-    """Every statement of the hooked lm.py is byte-identical in the patched file, in the same order;
-    `_init_streaming_state` only gains the lines installing the step_with_logits state and hooks."""
+    """Every statement of the hooked lm.py is byte-identical in the patched file, in the same order: the
+    second pull request only adds (a field of `_LMGenState`, two classes, methods of `LMGen`)."""
     _, second, _, _ = rendered
     before, after = _members(second.original), _members(second.patched)
-    init = "def _init_streaming_state("
     for scope, statements in before.items():
-        kept = [s for s in statements if not s.lstrip().startswith(init)]
-        assert _is_subsequence(kept, after[scope]), scope
+        assert _is_subsequence(statements, after[scope]), scope
     assert {scope for scope in before if before[scope] != after[scope]} == {"LMGen", "_LMGenState"}
     assert set(after) - set(before) == {"StepLogits", "_StepLogitsState"}
-    old_init, new_init = (next(s for s in m["LMGen"] if s.lstrip().startswith(init)) for m in (before, after))
-    added = _lines_added(old_init, new_init)
-    block = upstream.extract_blocks(Path(inspect.getsourcefile(moshi_patch.lm)).read_text())["init_streaming_state"]
-    assert [line.strip() for line in added] == [line.strip() for line in block if line.strip()]
+    added_methods = [s for s in after["LMGen"] if s not in before["LMGen"]]
+    assert all(s.lstrip().startswith(("def ", "@torch.no_grad()")) for s in added_methods)
 
 
 def test_rendered_code_is_the_code_moshi_patch_runs(rendered) -> None:
-    """One source of truth: each method and class inserted is, to the byte, the one of `moshi_patch`, and
-    moshi_patch's `depformer_step` is upstream's with the hook calls the first pull request inserts."""
+    """One source of truth: each method and class inserted is, to the byte, the one of `moshi_patch`; and
+    moshi_patch's `LMGen` has no method of the first pull request (it never changes moshi's code)."""
     first, second, _, _ = rendered
     tree = ast.parse(second.patched)
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
@@ -175,8 +177,8 @@ def test_rendered_code_is_the_code_moshi_patch_runs(rendered) -> None:
                        for n in classes["LMGen"].body if isinstance(n, ast.FunctionDef)}
     cls = moshi_patch.lm.StepLogitsLMGen
     new = [name for name, fn in vars(cls).items()
-           if inspect.isfunction(fn) and name not in ("_init_streaming_state", "depformer_step")]
-    assert "step_with_logits" in new and "_install_step_logits_hooks" in new
+           if inspect.isfunction(fn) and name != "_init_streaming_state"]
+    assert "step_with_logits" in new and "_depformer_step_with_logits" in new
     for name in new:
         source = inspect.getsource(getattr(cls, name))
         source = source[source.index("    def "):].rstrip("\n")    # inspect includes the decorators
@@ -185,13 +187,9 @@ def test_rendered_code_is_the_code_moshi_patch_runs(rendered) -> None:
         node = classes[name]
         segment = "\n".join(second.patched.split("\n")[node.decorator_list[0].lineno - 1:node.end_lineno])
         assert segment == inspect.getsource(getattr(moshi_patch.lm, name)).rstrip("\n"), name
-    # The hooked depformer_step: upstream's source with the calls inserted, compiled by moshi_patch.
-    source = inspect.getsource(moshi.models.lm.LMGen.depformer_step)
-    expected = hooks.insert(textwrap.dedent(source), hooks.insertions(textwrap.dedent(source)))
-    segment = next(ast.get_source_segment(first.patched, n) for n in ast.walk(ast.parse(first.patched))
-                   if isinstance(n, ast.FunctionDef) and n.name == "depformer_step")
-    assert textwrap.dedent("    " + segment) == expected.rstrip("\n")
-    assert cls.depformer_step.__code__.co_filename.endswith("(+ moshi_patch audio hooks)")
+    for lm_gen_class in (cls, moshi_patch.LMGen):
+        assert lm_gen_class.depformer_step is moshi.models.lm.LMGen.depformer_step
+        assert not hasattr(lm_gen_class, "on_audio_token_hook")
 
 
 def _run(copy: Path, args: list[str]) -> subprocess.CompletedProcess:
@@ -224,13 +222,14 @@ def test_hooks_test_passes_on_the_first_pull_request(patched_copies) -> None:
 
 def test_oracles_pass_on_both_pull_requests(patched_copies) -> None:
     copy = patched_copies["both"]
-    result = _run(copy, [str(TESTS / "test_step_with_logits.py")])
+    # The tests of moshi_patch's own step() (which keeps logits when mixed) are skipped there, by name.
+    result = _run(copy, [str(TESTS / "test_step_with_logits.py"), "-rs"])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     summary = [line for line in result.stdout.splitlines() if " passed" in line][-1]
     assert "failed" not in summary and "error" not in summary, summary
     skipped = int(summary.split(" skipped")[0].split()[-1]) if " skipped" in summary else 0
-    assert int(summary.split(" passed")[0].split()[-1]) >= 30 and skipped <= 1, summary
+    assert int(summary.split(" passed")[0].split()[-1]) >= 45 and skipped <= 6, summary
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flake8") is None, reason="flake8 is not installed")
@@ -268,7 +267,8 @@ def _modified_upstream(tmp_path: Path, old: str, new: str) -> Path:
 @pytest.mark.parametrize("old,new,message", [
     ("    def _step(", "    def _step_v2(", r"no method `LMGen._step`"),
     ("import typing as tp\n", "", r"module-level names \['tp'\]"),
-    ("        return state\n\n", "        return None\n\n", r"does not end with `return state`"),
+    ("    graphed_depth: CUDAGraphed | None\n", "", r"field `_LMGenState.graphed_depth`"),
+    ("        self.on_audio_hook = on_audio_hook\n", "", r"no `self.on_audio_hook = on_audio_hook`"),
     ("class LMGen(", "class LMGenerator(", r"no module-level class `LMGen`"),
     ("                depformer_tokens.append(next_token)", "                depformer_tokens += [next_token]",
      r"depformer_tokens.append\(next_token\)"),
@@ -294,7 +294,7 @@ def test_already_patched_upstream_is_refused(rendered) -> None:
 
 def test_blocks_using_names_upstream_lacks_are_refused(tmp_path) -> None:
     patch_source = Path(inspect.getsourcefile(moshi_patch.lm)).read_text()
-    anchor = "text_token.copy_(torch.where(forced == self.lm_model.ungenerated_token_id, text_token, forced))"
+    anchor = "text_token.copy_(torch.where(forced_text == lm_model.ungenerated_token_id, text_token, forced_text))"
     assert anchor in patch_source
     bad = tmp_path / "lm.py"
     bad.write_text(patch_source.replace(anchor, "_upstream.sample_token(" + anchor + ")"))
@@ -317,8 +317,8 @@ lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=8)
 user = random_codes(lm, 2, 12, seed=11)[:, 1 + lm.dep_q:]
 lm_gen = LMGen(lm, use_sampling=False)
 if sys.argv[1] == "hooked":
-    lm_gen.on_audio_logits_hook = lambda cb_index, logits: None
-    lm_gen.on_audio_token_hook = lambda cb_index, token: None
+    lm_gen = LMGen(lm, use_sampling=False, on_audio_logits_hook=lambda cb_index, logits: None,
+                   on_audio_token_hook=lambda cb_index, token: None)
 outs = []
 with lm_gen.streaming(2):
     for step in range(user.shape[-1]):

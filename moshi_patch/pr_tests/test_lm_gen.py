@@ -44,9 +44,8 @@ def test_hooks_force_tokens_and_see_the_logits_of_forward():
         if 0 <= frame < T:
             seen[:, cb_index, frame] = logits[:, 0, 0]
 
-    lm_gen = LMGen(model, use_sampling=False, on_text_hook=on_text)
-    lm_gen.on_audio_token_hook = on_audio_token
-    lm_gen.on_audio_logits_hook = on_audio_logits
+    lm_gen = LMGen(model, use_sampling=False, on_text_hook=on_text, on_audio_logits_hook=on_audio_logits,
+                   on_audio_token_hook=on_audio_token)
     with lm_gen.streaming(B):
         for step in range(T + 1):
             frame = min(max(step - 1, 0), T - 1)
@@ -63,10 +62,11 @@ def test_hooks_that_change_nothing_leave_the_tokens_unchanged():
     user = _codes(model, 10)[:, model.dep_q + 1:]
 
     def run(hooked: bool) -> torch.Tensor:
-        lm_gen = LMGen(model, use_sampling=False)
+        hooks = {}
         if hooked:
-            lm_gen.on_audio_logits_hook = lambda cb_index, logits: None
-            lm_gen.on_audio_token_hook = lambda cb_index, token: None
+            hooks = dict(on_audio_logits_hook=lambda cb_index, logits: None,
+                         on_audio_token_hook=lambda cb_index, token: None)
+        lm_gen = LMGen(model, use_sampling=False, **hooks)
         outs = []
         with lm_gen.streaming(2):
             for step in range(user.shape[-1]):
