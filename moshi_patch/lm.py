@@ -411,8 +411,20 @@ class LMGen(StepLogitsLMGen):
         state = self._streaming_state
         if state is None or state.step_logits is None or depformer_replace_tokens is not None:
             return super().step(input_tokens, depformer_replace_tokens)
-        out = StepLogitsLMGen.step_with_logits(self, input_tokens)
+        if self._needs_inference_mode():
+            with torch.inference_mode():
+                out = StepLogitsLMGen.step_with_logits(self, input_tokens)
+        else:
+            out = StepLogitsLMGen.step_with_logits(self, input_tokens)
         return None if out is None else out.tokens
+
+    def _needs_inference_mode(self) -> bool:
+        """Whether the stream's `step_with_logits` state was made under `torch.inference_mode()` and this call
+        is outside it: torch updates inference tensors only in inference mode, so the call enters it."""
+        state = self._streaming_state
+        logits_state = None if state is None else state.step_logits
+        return (logits_state is not None and logits_state.forced.is_inference()
+                and not torch.is_inference_mode_enabled())
 
     def _init_step_logits_state(self, state: _LMGenState) -> _StreamLogitsState:
         base = super()._init_step_logits_state(state)
@@ -478,6 +490,9 @@ class LMGen(StepLogitsLMGen):
         need `cfg_coef == 1`, no user hooks, every batch item executing, and streaming modules that take
         several frames per call (`moshi_patch.chunking`).
         """
+        if self._needs_inference_mode():
+            with torch.inference_mode():
+                return self.step_with_logits(input_tokens, forced_tokens)
         frames = input_tokens.shape[-1] if isinstance(input_tokens, torch.Tensor) and input_tokens.dim() == 3 else 1
         if frames <= 1:     # No frame: the one-frame path's checks say what was expected.
             return super().step_with_logits(input_tokens, forced_tokens)

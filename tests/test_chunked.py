@@ -264,3 +264,28 @@ def test_parallel_path_is_used_when_all_audio_is_forced(monkeypatch) -> None:
     # Step 0 produces frame -1 of the delayed codebooks (nothing to force) and the flush step forces
     # nothing: every other step has all its audio forced.
     assert calls == {"sequential": 2, "parallel": 9}
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_stream_started_under_inference_mode_is_usable_outside_it(chunk):
+    """A stream whose first `step_with_logits` call ran under `torch.inference_mode()` holds inference tensors,
+    which torch refuses to update outside inference mode: later calls outside it (`step_with_logits` and
+    `step`) give the logits and tokens of a stream used under `no_grad` throughout (they used to raise torch's
+    "Inplace update to inference tensor outside InferenceMode")."""
+    lm = make_lm(context=32)
+    codes = random_codes(lm, 2, 9)
+    user = torch.full((2, lm.n_q - lm.dep_q, 9), -1, dtype=torch.long)
+
+    def run(start_under_inference_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        lm_gen = LMGen(lm, use_sampling=False)
+        with lm_gen.streaming(2):
+            with torch.inference_mode(start_under_inference_mode):
+                first = lm_gen.step_with_logits(user[:, :, :1], codes[:, :1 + lm.dep_q, :1])
+            assert first is None        # max_delay = 1: the first step returns no frame
+            outs = [lm_gen.step_with_logits(user[:, :, s:s + chunk], codes[:, :1 + lm.dep_q, s:s + chunk])
+                    for s in range(1, 9, chunk)]
+            tokens = lm_gen.step(user[:, :, :1])
+        return torch.cat([o.audio_logits for o in outs], dim=2), tokens
+
+    (logits, tokens), (reference, reference_tokens) = run(True), run(False)
+    assert torch.equal(logits, reference) and torch.equal(tokens, reference_tokens)
