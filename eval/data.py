@@ -191,24 +191,51 @@ def _sinc_filters(up: int, down: int, zeros: int, rolloff: float) -> tuple[torch
     return filters.t().contiguous().float(), width
 
 
+# The polyphase filter bank has `up` phases of about `2 * width + down` taps: small for the common rates
+# (16 kHz: 3 x 57, 22.05 and 44.1 kHz: 160 x 200 and 80 x 240, 48 kHz: 1 x 53) but quadratic in the reduced
+# ratio (22,051 Hz: 24,000 x 22,104 taps, 2 GB, and as much again for the conv weight). Past these bounds
+# each output sample's taps are computed on the fly instead (`_resample_direct`), a block at a time.
+POLYPHASE_MAX_PHASES = 320
+POLYPHASE_MAX_TAPS = 1 << 22     # phases x taps of the filter bank (16 MB as float32)
+DIRECT_BLOCK_VALUES = 1 << 21    # output samples x taps per block of `_resample_direct` (8 MB as float32)
+DIRECT_BANK_VALUES = 1 << 24     # phases x taps of `_resample_direct`'s precomputed taps (64 MB as float32)
+
+
+def _resample_plan(src_rate: int, dst_rate: int) -> tuple[int, int, int, str]:
+    """`(up, down, width, method)` for resampling `src_rate` -> `dst_rate`: the reduced ratio, the filter's
+    half width in input samples, and "polyphase" (filter bank + conv) or "direct" (taps per output sample)."""
+    g = math.gcd(int(src_rate), int(dst_rate))
+    up, down = int(dst_rate) // g, int(src_rate) // g
+    width = math.ceil(_ZEROS / (min(1.0, up / down) * _ROLLOFF))
+    taps = 2 * width + down + 1
+    method = "polyphase" if up <= POLYPHASE_MAX_PHASES and up * taps <= POLYPHASE_MAX_TAPS else "direct"
+    return up, down, width, method
+
+
+_ZEROS, _ROLLOFF = 24, 0.945
+
+
 def resample(wav: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     """Band-limited resampling of `wav` `[T]` float32 from `src_rate` to `dst_rate`: `[ceil(T * dst / src)]`.
 
     No delay: output sample n is the input interpolated at time n / dst_rate. Anti-aliasing lowpass at
     0.945 of the lower Nyquist frequency (Hann-windowed sinc, 24 zero crossings). Zero padding at the ends.
+    Memory is bounded whatever the rates (`_resample_plan`): a polyphase filter bank for ratios with few
+    phases (every common rate), the same filter evaluated per output sample otherwise.
     """
     if wav.ndim != 1:
         raise ValueError(f"wav: expected a 1-D array [T], got shape {wav.shape}")
     if src_rate <= 0 or dst_rate <= 0:
         raise ValueError(f"sample rates must be positive, got src_rate={src_rate}, dst_rate={dst_rate}")
-    g = math.gcd(int(src_rate), int(dst_rate))
-    up, down = int(dst_rate) // g, int(src_rate) // g
+    up, down, width, method = _resample_plan(src_rate, dst_rate)
     if up == down:
         return wav.astype(np.float32, copy=False)
+    if method == "direct":
+        return _resample_direct(wav, up, down, width)
     length = wav.shape[0]
     out_len = -(-length * up // down)
     frames = -(-out_len // up)
-    filters, width = _sinc_filters(up, down, zeros=24, rolloff=0.945)
+    filters, width = _sinc_filters(up, down, zeros=_ZEROS, rolloff=_ROLLOFF)
     # Polyphase as a plain conv: input sample k * down + r goes to channel r, position k, so that each
     # output frame k is conv1d(in=down channels, out=up phases, kernel=kq) at position k (stride 1).
     kq = -(-filters.shape[0] // down)
@@ -225,6 +252,43 @@ def resample(wav: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
         y = torch.nn.functional.conv1d(x[None, :, start: stop + kq - 1], weight)  # [1, up, n]
         out[start:stop] = y[0].t()
     return out.reshape(-1)[:out_len].numpy()
+
+
+def _direct_taps(t: torch.Tensor, width: int, cutoff: float) -> torch.Tensor:
+    """The windowed sinc of `_sinc_filters` at times `t` (input samples from the output sample's time)."""
+    window = torch.where(t.abs() <= width, torch.cos(math.pi * t / (2 * width)) ** 2, torch.zeros_like(t))
+    return cutoff * torch.special.sinc(cutoff * t) * window
+
+
+def _resample_direct(wav: np.ndarray, up: int, down: int, width: int) -> np.ndarray:
+    """`resample` by applying, to each output sample n, the windowed sinc of `_sinc_filters` at the input
+    samples around its time n * down / up (`[2 * width + 2]` taps), a block of outputs at a time. The taps
+    of the `up` phases are computed once when they fit `DIRECT_BANK_VALUES` (always for 24 kHz output: at
+    most 24,000 x 410), else per block."""
+    cutoff = min(1.0, up / down) * _ROLLOFF
+    length = wav.shape[0]
+    out_len = -(-length * up // down)
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    x = torch.nn.functional.pad(x, (width + 1, width + 2))          # input sample i at i + width + 1
+    taps = torch.arange(-width, width + 2, dtype=torch.int64)        # [J]
+    windows = x.unfold(0, taps.shape[0], 1)                          # [., J] view of the padded input
+    bank = None
+    if up * taps.shape[0] <= DIRECT_BANK_VALUES:                     # [up, J]: phase p at time p / up
+        phases = torch.arange(up, dtype=torch.float64) / up
+        bank = _direct_taps(taps[None, :].double() - phases[:, None], width, cutoff).float()
+    out = np.empty(out_len, dtype=np.float32)
+    block = max(1, DIRECT_BLOCK_VALUES // taps.shape[0])
+    for start in range(0, out_len, block):
+        n = torch.arange(start, min(out_len, start + block), dtype=torch.int64)
+        base = n * down // up                                        # integer part of the time, exact
+        phase = n * down % up                                        # fractional part, in 1/up
+        if bank is not None:
+            h = bank.index_select(0, phase)                          # [B, J]
+        else:
+            h = _direct_taps(taps[None, :].double() - (phase.double() / up)[:, None], width, cutoff).float()
+        values = windows.index_select(0, base + 1)                   # [B, J]: inputs base - width .. base + width + 1
+        out[start: start + n.shape[0]] = (h * values).sum(dim=1).numpy()
+    return out
 
 
 def _opus_pre_skip(path: Path) -> int:
