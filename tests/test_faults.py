@@ -309,3 +309,21 @@ def test_check_streaming_on_nan_weights_says_nan(capsys, monkeypatch):
     assert main(["check-streaming", "--demo", "--frames", "8", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "NaN" in err and "transformer.layers.1.self_attn.out_projs.0.weight" in err
+
+
+def test_weights_rewritten_with_their_mtime_set_back_get_a_new_digest(tmp_path):
+    """Issue 16, item 7: the digest cache was keyed on (path, size, mtime): a same-size file rewritten in place
+    with its mtime restored (`touch -d`, `cp -p`) kept the old sha256. The inode change time tells."""
+    from moshi_eval.hashing import FileHasher, file_sha256
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    hasher = FileHasher(tmp_path / "hashes")
+    before = hasher.identity(weights)
+    st = weights.stat()
+    with open(weights, "r+b") as f:          # same inode, same size, other content
+        f.write(b"b" * 4096)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == before["mtime_ns"] and weights.stat().st_size == before["size"]
+    for fresh in (hasher, FileHasher(tmp_path / "hashes")):     # the memo and the on-disk cache
+        after = fresh.identity(weights)
+        assert after["sha256"] == file_sha256(weights) != before["sha256"]
