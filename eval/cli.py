@@ -15,12 +15,14 @@ command with the same `--out` skips finished books, and Ctrl-C / SIGTERM prints 
 import argparse
 import os
 from pathlib import Path
+import signal
 import sys
+import threading
 import typing as tp
 
 from . import check as check_module
 from . import compare as compare_module
-from . import report
+from . import distributed, report
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
 from .distributed import from_environment, rank_device
@@ -29,7 +31,7 @@ from .hashing import FileHasher
 from .lock import OutputBusyError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
-from .run import EXIT_INTERRUPTED, MIMI_FRAME_RATE, EvalJob, UsageError, run_eval
+from .run import EXIT_INTERRUPTED, MIMI_FRAME_RATE, EvalJob, UsageError, _raise_interrupt, run_eval
 from .scoring import DEFAULT_CHUNK, NonFiniteLossError, TEXT_MODES, USER_STREAMS
 
 EXIT_ERROR = 1
@@ -261,6 +263,11 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    # SIGTERM stops the run like Ctrl-C from the first instruction on, before any file is touched (hashing
+    # weights, reading chapters) or a torchrun rendezvous is joined; run_eval turns it into a resume hint.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
     except (DataError, CheckpointError, report.ReportError, UsageError, NonFiniteLossError,
@@ -270,3 +277,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nmoshi-eval: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        distributed.shutdown()     # a process group joined before an error must still be torn down

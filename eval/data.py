@@ -12,17 +12,20 @@ so lengths and alignment would be off.
 from dataclasses import dataclass
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
 import re
+import stat
 import typing as tp
 
 import numpy as np
 import sphn
 import torch
 
-AUDIO_EXTENSIONS = (".flac", ".mp3", ".wav", ".ogg")
+AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3")   # of one chapter in two formats, the first is kept
+logger = logging.getLogger(__name__)
 TRUNCATION_SLACK_SECONDS = 0.1  # decoded audio this much shorter than its header's duration: an error
 
 
@@ -91,11 +94,46 @@ def _read_metadata(audio_path: Path) -> dict | None:
     return meta
 
 
+def _audio_entries(folder: Path) -> list[Path]:
+    """The non-hidden entries of `folder` with an audio extension that are not folders: regular files, and
+    anything else (dangling links, devices, FIFOs), which reading rejects with the reason."""
+    return [p for p in folder.iterdir()
+            if not p.name.startswith(".") and p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir()]
+
+
+def _book_chapters(book_dir: Path) -> list[Path]:
+    """The chapter files of a book folder in natural order, each chapter once: of `c1.flac` and `c1.wav`
+    (one chapter in two formats) the first in `AUDIO_EXTENSIONS` order is kept; each dropped file and each
+    ignored sub-folder with audio is a warning naming it."""
+    files = sorted(_audio_entries(book_dir), key=lambda p: natural_key(p.name))
+    by_stem: dict[str, list[Path]] = {}
+    for f in files:
+        by_stem.setdefault(f.stem, []).append(f)
+    kept: list[Path] = []
+    for f in files:
+        group = by_stem[f.stem]
+        first = min(group, key=lambda p: (AUDIO_EXTENSIONS.index(p.suffix.lower()), p.name))
+        if f is not first:
+            logger.warning("%s: the same chapter as %s in another format: ignored (one chapter is counted once)",
+                           f, first.name)
+            continue
+        kept.append(f)
+    for sub in book_dir.iterdir():
+        if sub.is_dir() and not sub.name.startswith("."):
+            if any(p.suffix.lower() in AUDIO_EXTENSIONS for p in sub.rglob("*")):
+                logger.warning("%s: audio in a sub-folder of a book folder is ignored (layout "
+                               "<root>/<speaker>/<book>/<chapter>)", sub)
+    return kept
+
+
 def discover_books(audio_dir: str | Path) -> list[Book]:
     """All books under `audio_dir` in LibriLight layout `<root>/<speaker>/<book>/<chapter>.<ext>`.
 
     Books are sorted by (speaker, book) and chapters by file name, both in natural order. Hidden entries
-    (names starting with ".") are skipped; book folders without audio files are skipped.
+    (names starting with ".") are skipped; book folders without audio files are skipped. Nothing is
+    dropped or counted twice silently: audio at another depth (in the root, in a speaker folder, in a
+    sub-folder of a book) is a warning naming it; a chapter in two formats counts once (`_book_chapters`);
+    a book folder reached twice (a linked speaker or book folder) counts once, with a warning.
 
     Raises:
         DataError: `audio_dir` missing, not a directory, empty, or with no audio file in the layout;
@@ -111,26 +149,37 @@ def discover_books(audio_dir: str | Path) -> list[Book]:
     speakers = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                       key=lambda p: natural_key(p.name))
     books: list[Book] = []
+    seen: dict[Path, Path] = {}          # resolved book folder -> the folder it was first found as
     for speaker in speakers:
+        stray = sorted(p.name for p in _audio_entries(speaker))
+        if stray:
+            logger.warning("%s: %d audio file(s) directly in a speaker folder are ignored (e.g. %s; layout "
+                           "<root>/<speaker>/<book>/<chapter>)", speaker, len(stray), stray[0])
         book_dirs = sorted((p for p in speaker.iterdir() if p.is_dir() and not p.name.startswith(".")),
                            key=lambda p: natural_key(p.name))
         for book_dir in book_dirs:
+            resolved = book_dir.resolve()
+            if resolved in seen:
+                logger.warning("%s: the same folder as %s (a link): its book is counted once", book_dir,
+                               seen[resolved])
+                continue
+            seen[resolved] = book_dir
             # A dangling symbolic link is a chapter too: reading it fails, and the book is skipped with the
             # reason (or the run stops with --strict) instead of being scored without it.
-            files = sorted((p for p in book_dir.iterdir()
-                            if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
-                            and p.suffix.lower() in AUDIO_EXTENSIONS),
-                           key=lambda p: natural_key(p.name))
+            files = _book_chapters(book_dir)
             if files:
                 chapters = [Chapter(path=f, metadata=_read_metadata(f)) for f in files]
                 books.append(Book(speaker=speaker.name, book=book_dir.name, chapters=chapters))
+    stray = [p.name for p in _audio_entries(root)][:3]
     if not books:
-        stray = [p.name for p in root.iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS][:3]
         hint = (f" (audio files found directly in it, e.g. {stray}: they must be in "
                 f"<speaker>/<book>/ subfolders)" if stray else "")
         raise DataError(
             f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in LibriLight layout "
             f"<root>/<speaker>/<book>/<chapter> under {root}{hint}")
+    if stray:
+        logger.warning("%s: audio files directly in the root are ignored (e.g. %s; layout "
+                       "<root>/<speaker>/<book>/<chapter>)", root, stray[0])
     return books
 
 
@@ -140,6 +189,8 @@ def book_seconds(book: Book) -> float:
     Raises:
         AudioReadError: a chapter whose duration cannot be read; names the file.
     """
+    for c in book.chapters:     # sphn would block on a FIFO, or read /dev/zero forever
+        check_audio_file(c.path)
     durations = sphn.durations([str(c.path) for c in book.chapters])
     for chapter, duration in zip(book.chapters, durations):
         if duration is None:
@@ -302,12 +353,21 @@ def _opus_pre_skip(path: Path) -> int:
 
 
 def check_audio_file(path: str | Path) -> Path:
-    """`path` as a Path; AudioReadError if it is not a file (a dangling link says where it points)."""
+    """`path` as a Path; AudioReadError if it is not a regular file (a dangling link says where it points;
+    a device, FIFO or socket is named as such: reading one could block or never end)."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        mode = path.stat().st_mode
+    except OSError:
         if path.is_symlink():
-            raise AudioReadError(path, f"dangling symbolic link to {os.readlink(path)}")
-        raise AudioReadError(path, "no such file")
+            raise AudioReadError(path, f"dangling symbolic link to {os.readlink(path)}") from None
+        raise AudioReadError(path, "no such file") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        target = f" (a link to {os.readlink(path)})" if path.is_symlink() else ""
+        raise AudioReadError(path, f"not a regular file: {kind}{target}")
     return path
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 
 from .atomic import atomic_write
@@ -55,6 +56,8 @@ class FileHasher:
         """`{"path", "size", "mtime_ns", "sha256"}` of `path` (resolved). Raises OSError if unreadable."""
         path = Path(path).resolve()
         st = path.stat()
+        if not stat.S_ISREG(st.st_mode):      # /dev/zero would be hashed forever, a FIFO would block
+            raise OSError(f"{path}: not a regular file")
         return {"path": os.fsdecode(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                 "sha256": self.sha256(path, st)}
 

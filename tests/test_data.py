@@ -254,3 +254,47 @@ def test_read_audio_errors_name_the_file(tmp_path, kind):
     assert info.value.path == path
     assert str(path) in str(info.value)
     assert isinstance(info.value, DataError)
+
+
+def test_nothing_is_dropped_or_doubled_silently(tmp_path, caplog):
+    """Issue 16, item 14: audio at the wrong depth was ignored, `c1.flac` + `c1.wav` counted twice, a linked
+    speaker folder counted its books twice, all without a word."""
+    import logging
+    root = tmp_path / "root"
+    _touch_flac(root / "s1" / "b1" / "c1.flac")
+    _write_wav(root / "s1" / "b1" / "c1.wav", np.zeros(1600), 16000)           # the same chapter, as WAV
+    _touch_flac(root / "s1" / "b1" / "c2.flac")
+    _touch_flac(root / "s1" / "b1" / "extra" / "c3.flac")                      # a sub-folder of a book
+    _touch_flac(root / "s1" / "loose.flac")                                    # in a speaker folder
+    _touch_flac(root / "stray.flac")                                           # in the root
+    (root / "s2").symlink_to(root / "s1", target_is_directory=True)            # a linked speaker folder
+    with caplog.at_level(logging.WARNING, logger="moshi_eval.data"):
+        books = discover_books(root)
+    assert [(b.speaker, b.book) for b in books] == [("s1", "b1")]
+    assert [c.path.name for c in books[0].chapters] == ["c1.flac", "c2.flac"]
+    text = caplog.text
+    for named in ("c1.wav", "extra", "loose.flac", "stray.flac", str(root / "s2" / "b1")):
+        assert named in text, (named, text)
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
+def test_a_chapter_that_is_not_a_regular_file_is_rejected_without_reading_it(tmp_path, kind):
+    """Issue 16, item 9: a link to /dev/zero was hashed forever, a FIFO blocked in sphn.durations."""
+    import os
+    from moshi_eval.hashing import FileHasher
+    book_dir = tmp_path / "s" / "b"
+    _touch_flac(book_dir / "c1.flac")
+    bad = book_dir / "c2.flac"
+    if kind == "dev_zero":
+        bad.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(bad)
+    (book,) = discover_books(tmp_path)
+    assert [c.path.name for c in book.chapters] == ["c1.flac", "c2.flac"]       # kept: skipped with the reason
+    with pytest.raises(AudioReadError, match="not a regular file") as info:
+        book_seconds(book)
+    assert info.value.path == bad
+    with pytest.raises(AudioReadError, match="FIFO" if kind == "fifo" else "character device"):
+        read_audio(bad)
+    with pytest.raises(OSError, match="not a regular file"):
+        FileHasher().identity(bad)
