@@ -419,3 +419,35 @@ def test_sigterm_handler_is_installed_before_any_file_is_touched(world, monkeypa
     assert seen and seen[0] not in (signal.SIG_DFL, signal.SIG_IGN, None) and seen[0] is not before
     assert signal.getsignal(signal.SIGTERM) is before
     assert "interrupted" in capsys.readouterr().err
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it creates the file named by `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_weights_never_run_code_even_where_torch_load_would(tmp_path, monkeypatch):
+    """Issue 16, item 18: setup.py allows torch 2.2-2.5, whose `torch.load` unpickles anything by default.
+    Emulate that default: loading a weight file that runs code is an error naming the file, and runs nothing."""
+    from moshi_eval import checkpoint
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "model.pt"
+    torch.save({"fsdp_best_state": {"model": {"w": _Payload(marker)}}}, evil)
+    real = torch.load
+
+    def old_default(*args, **kwargs):          # torch < 2.6: weights_only=False unless given
+        kwargs.setdefault("weights_only", False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", old_default)
+    with pytest.raises(checkpoint.CheckpointError, match=str(evil)):
+        checkpoint._read_state(evil, "cpu")
+    with checkpoint._weights_only_torch_load():      # how moshi's Mimi loader is called
+        with pytest.raises(Exception):
+            torch.load(evil, "cpu")
+    assert torch.load is old_default and not marker.exists()
