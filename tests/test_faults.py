@@ -451,3 +451,14 @@ def test_pickled_weights_never_run_code_even_where_torch_load_would(tmp_path, mo
         with pytest.raises(Exception):
             torch.load(evil, "cpu")
     assert torch.load is old_default and not marker.exists()
+
+
+def test_two_books_with_the_same_id_name_both_folders(world, tmp_path, capsys):
+    """Issue 16, item 14: `s/x__y` and `s__x/y` are both book `s__x__y`: the run stopped without naming them."""
+    audio = tmp_path / "libri_same_id"
+    for speaker, book in (("s", "x__y"), ("s__x", "y")):
+        (audio / speaker / book).mkdir(parents=True)
+        shutil.copy(next(world["audio"].rglob("*.flac")), audio / speaker / book / "c1.flac")
+    assert main(_args(world, tmp_path / "out_same_id", audio=audio)) == 1
+    err = capsys.readouterr().err
+    assert "s__x__y" in err and str(audio / "s" / "x__y") in err and str(audio / "s__x" / "y") in err
