@@ -5,6 +5,7 @@ path or `hf://repo/file`), or local files only: `--config` (the repo's `config.j
 and `--mimi-weight` (and optionally `--mimi-config`, `--tokenizer`).
 """
 import argparse
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,8 @@ class ResolvedCheckpoint:
         _check_codec_config(self.info.lm_config, self.info.mimi_config)
         lm_model = load_lm(self.info, self.device, self.dtype, self.fuse_lora)
         try:
-            mimi = self.info.get_mimi(device=self.device)
+            with _weights_only_torch_load():      # moshi's loader reads a non-safetensors Mimi with torch.load
+                mimi = self.info.get_mimi(device=self.device)
         except Exception as exc:   # safetensors, torch, moshi's asserts: name the file
             raise CheckpointError(f"cannot load the Mimi weights {self.info.mimi_weights}: "
                                   f"{type(exc).__name__}: {exc}") from exc
@@ -184,12 +186,30 @@ def _weight_keys(path: Path) -> list[str]:
         raise CheckpointError(f"cannot read the weight file {path}: {type(exc).__name__}: {exc}") from exc
 
 
+@contextlib.contextmanager
+def _weights_only_torch_load() -> tp.Iterator[None]:
+    """`torch.load` with `weights_only=True` for the duration, for the loaders of moshi that call it without:
+    on torch < 2.6 (which setup.py allows) a pickled weight file would otherwise run code when loaded."""
+    real = torch.load
+
+    def load(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
 def _read_state(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
     """A weight file's tensors, as moshi's loader reads them (safetensors, or a torch `fsdp_best_state`)."""
     try:
         if loaders._is_safetensors(path):
             return load_file(str(path), device=str(device))
-        return torch.load(path, "cpu")["fsdp_best_state"]["model"]
+        # weights_only: torch < 2.6 (allowed by setup.py) unpickles anything by default, and a pickle runs code.
+        return torch.load(path, "cpu", weights_only=True)["fsdp_best_state"]["model"]
     except Exception as exc:   # safetensors, pickle, zip, OS errors: name the file
         raise CheckpointError(f"cannot load the weight file {path}: {type(exc).__name__}: {exc}") from exc
 

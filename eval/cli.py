@@ -25,7 +25,7 @@ import typing as tp
 from . import check as check_module
 from . import loggers
 from . import compare as compare_module
-from . import report
+from . import distributed, report
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
 from .config import ConfigError, LibriLightConfig, ModelSource, RunConfig, from_values
@@ -337,7 +337,7 @@ def run_librilight(args: argparse.Namespace) -> int:
     resolved = resolve_checkpoint(source, hasher)
     job = EvalJob(argv=run.argv, out=run.out, audio_dir=tp.cast(Path, config.audio_dir),
                   select=lambda: select_librilight_books(config), load=resolved.load, identity=resolved.identity,
-                  config=config, run=run, hasher=hasher)
+                  config=config, run=run, hasher=hasher, device=source.device)
     return _eval_and_log(job, args)
 
 
@@ -444,6 +444,11 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    # SIGTERM stops the run like Ctrl-C from the first instruction on, before any file is touched (hashing
+    # weights, reading chapters) or a torchrun rendezvous is joined; run_eval turns it into a resume hint.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
     except (DataError, CheckpointError, ConfigError, loggers.LoggerError, report.ReportError, UsageError,
@@ -454,3 +459,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nmoshi-eval: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        distributed.shutdown()     # a process group joined before an error must still be torn down

@@ -17,6 +17,7 @@ of many frames do not (the latents drift by ~10% in our tests). `encode_audio` t
 attention layer a cache of `context + steps per call`: the attention mask still limits every query to
 `context` steps, so chunked streaming computes what one-shot `mimi.encode` computes (up to rounding).
 """
+from contextlib import contextmanager
 import hashlib
 import json
 import logging
@@ -38,6 +39,10 @@ from .hashing import file_sha256
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_FRAMES = 250  # frames per streaming Mimi call when encoding a chapter
+# Torch CPU threads while Mimi encodes on a CPU. The codes depend on it (the reductions are split otherwise,
+# and a nearly tied residual-quantizer code flips: 8 of 1,184 codes of a 5-s chapter between 1 and 2 threads),
+# so it is fixed, whatever --threads the scoring uses, and part of the cache key and of a run's configuration.
+ENCODE_THREADS = 1
 _CACHE_FORMAT = 2  # bump when the stored layout or the encoding procedure changes (2: codes checksum)
 
 
@@ -70,6 +75,39 @@ def codec_identity(mimi: MimiModel) -> str:
     return h.hexdigest()
 
 
+def device_kind(device: str | torch.device) -> str:
+    """What numbers computed on `device` depend on: "cpu", or "cuda (<GPU name>)" (not the index: two
+    GPUs of one model compute the same numbers; two models may not)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda ({torch.cuda.get_device_name(index)})"
+    return device.type
+
+
+def encoding_setting(device: str | torch.device, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> dict:
+    """What Mimi's codes depend on besides the audio and the weights: device kind, CPU threads (fixed to
+    `ENCODE_THREADS` by `encode_audio`) and chunk length. Part of the code cache's key and of a run's
+    configuration, so that codes made under another setting are never mixed in."""
+    device = torch.device(device)
+    return {"device": device_kind(device), "threads": ENCODE_THREADS if device.type == "cpu" else None,
+            "chunk_frames": chunk_frames}
+
+
+@contextmanager
+def _encoding_threads(device: torch.device) -> tp.Iterator[None]:
+    """`ENCODE_THREADS` torch threads on a CPU for the duration, the caller's count restored after."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(ENCODE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _widen_kv_caches(model: torch.nn.Module, extra_steps: int) -> None:
     """Inside `model.streaming(...)`: replace each self-attention ring cache of capacity `context` with an
     empty one of capacity `context + extra_steps`, so a call of up to `extra_steps` steps loses no key
@@ -96,8 +134,9 @@ def encode_audio(mimi: MimiModel, wav: np.ndarray, chunk_frames: int = DEFAULT_C
     """Mimi codes `[n_q, T]` int64 on CPU of `wav` `[S]` float32 mono at `mimi.sample_rate`.
 
     T = ceil(S / frame_size): the last frame is zero padded. Streaming Mimi, `chunk_frames` frames per
-    call; equal to one-shot `mimi.encode(wav[None, None])` up to float rounding (which can flip a nearly tied
-    residual-quantizer code). `mimi` must not be streaming already.
+    call, `ENCODE_THREADS` torch threads on a CPU (the codes depend on the thread count); equal to one-shot
+    `mimi.encode(wav[None, None])` up to float rounding (which can flip a nearly tied residual-quantizer code).
+    `mimi` must not be streaming already.
 
     Args:
         num_codebooks: when given, raise ValueError unless `mimi.num_codebooks` equals it (the LM expects
@@ -125,7 +164,7 @@ def encode_audio(mimi: MimiModel, wav: np.ndarray, chunk_frames: int = DEFAULT_C
     steps_per_frame = math.ceil(getattr(mimi, "encoder_frame_rate", mimi.frame_rate) / mimi.frame_rate)
     # No CUDA graphs: they need every call to have the same shape (the last chunk is shorter), and
     # chunks of many frames amortize the launch overhead they would save anyway.
-    with no_cuda_graph(), mimi.streaming(1):
+    with no_cuda_graph(), _encoding_threads(torch.device(device)), mimi.streaming(1):
         _widen_kv_caches(mimi, chunk_frames * steps_per_frame)
         for start in range(0, x.shape[0], chunk):
             piece = x[start: start + chunk].to(device=device, dtype=dtype)[None, None]
@@ -165,8 +204,8 @@ class CodeCache:
         self.hits = 0
         self.misses = 0
         self.disabled = False     # set when writing fails: the run goes on without caching
-        # content hash memo: path -> ((size, mtime_ns), sha256), so get + put hash a file once
-        self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
+        # content hash memo: path -> ((size, mtime_ns, inode, ctime_ns), sha256), so get + put hash a file once
+        self._hashes: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
 
     def _content_hash(self, audio_path: Path) -> str:
         path = check_audio_file(audio_path).resolve()
@@ -174,7 +213,7 @@ class CodeCache:
             st = path.stat()
         except OSError as exc:
             raise AudioReadError(path, f"cannot stat file for the code cache: {exc}") from exc
-        stamp = (st.st_size, st.st_mtime_ns)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)   # ctime: no user call sets it back
         memo = self._hashes.get(path)
         if memo is not None and memo[0] == stamp:
             return memo[1]
@@ -182,22 +221,31 @@ class CodeCache:
         self._hashes[path] = (stamp, digest)
         return digest
 
-    def entry_path(self, audio_path: Path, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> Path:
-        """Where the codes of `audio_path`, encoded `chunk_frames` frames per call, are (or would be) stored."""
+    def entry_path(self, audio_path: Path, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+                   setting: dict | None = None) -> Path:
+        """Where the codes of `audio_path`, encoded `chunk_frames` frames per call under `setting`
+        (`encoding_setting`: device kind, threads), are (or would be) stored."""
         key = f"{self._content_hash(audio_path)}|{self.codec_id}|chunk_frames={chunk_frames}"
+        if setting is not None:
+            key += "|" + json.dumps(setting, sort_keys=True)
         key = hashlib.sha256(key.encode()).hexdigest()
         return self.root / self.codec_id[:16] / f"{key}.pt"
 
-    def get(self, audio_path: Path, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> torch.Tensor | None:
-        """The cached codes `[n_q, T]` int64 of `audio_path` (encoded in chunks of `chunk_frames`), or None."""
-        entry = self.entry_path(audio_path, chunk_frames)
+    def get(self, audio_path: Path, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+            setting: dict | None = None) -> torch.Tensor | None:
+        """The cached codes `[n_q, T]` int64 of `audio_path` (encoded in chunks of `chunk_frames` under
+        `setting`), or None."""
+        entry = self.entry_path(audio_path, chunk_frames, setting)
         if not entry.is_file():
             self.misses += 1
             return None
         try:
             payload = torch.load(entry, map_location="cpu", weights_only=True)
             codes = payload["codes"]
+            # The entry must say it holds this very content: a valid entry of another chapter copied (or
+            # linked) to this key is a miss, not another chapter's codes.
             ok = (payload.get("codec_id") == self.codec_id and isinstance(codes, torch.Tensor)
+                  and payload.get("content_sha256") == self._content_hash(audio_path)
                   and codes.dtype == torch.int64 and codes.dim() == 2 and codes.shape[-1] > 0
                   and payload.get("codes_sha256") == _codes_sha256(codes))
         except Exception as exc:  # corrupt or foreign file: re-encode rather than fail the run
@@ -212,18 +260,20 @@ class CodeCache:
         self.hits += 1
         return codes
 
-    def put(self, audio_path: Path, codes: torch.Tensor, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> None:
-        """Store `codes` `[n_q, T]` int64 for `audio_path` (encoded in chunks of `chunk_frames`), atomically."""
+    def put(self, audio_path: Path, codes: torch.Tensor, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+            setting: dict | None = None) -> None:
+        """Store `codes` `[n_q, T]` int64 for `audio_path` (encoded in chunks of `chunk_frames` under
+        `setting`), atomically."""
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype != torch.int64:
             raise ValueError(f"codes: expected an int64 tensor [n_q, T], got "
                              f"{getattr(codes, 'dtype', type(codes))} {tuple(getattr(codes, 'shape', ()))}")
         if self.disabled:
             return
-        entry = self.entry_path(audio_path, chunk_frames)
+        entry = self.entry_path(audio_path, chunk_frames, setting)
         codes = codes.detach().to("cpu").contiguous()
         payload = {"codes": codes, "codes_sha256": _codes_sha256(codes), "codec_id": self.codec_id,
                    "source": os.fsdecode(audio_path), "content_sha256": self._content_hash(audio_path),
-                   "format": _CACHE_FORMAT}
+                   "format": _CACHE_FORMAT, "setting": setting}
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(entry, lambda f: torch.save(payload, f))
@@ -253,20 +303,21 @@ def encode_book(mimi: MimiModel, book: Book, cache: CodeCache | None = None,
     if not book.chapters:
         raise ValueError(f"book: {book.speaker}/{book.book} has no chapters")
     parts: list[torch.Tensor] = []
+    setting = encoding_setting(next(mimi.parameters()).device, chunk_frames)
     for index, chapter in enumerate(book.chapters):
-        codes = cache.get(chapter.path, chunk_frames) if cache is not None else None
+        codes = cache.get(chapter.path, chunk_frames, setting) if cache is not None else None
         if codes is not None and codes.shape[0] != mimi.num_codebooks:
             codes = None  # codec_id covers num_codebooks; this is only a guard against a foreign cache
         if codes is None:
             wav = read_audio(chapter.path, mimi.sample_rate)
             codes = encode_audio(mimi, wav, chunk_frames)
             if cache is not None:
-                cache.put(chapter.path, codes, chunk_frames)
+                cache.put(chapter.path, codes, chunk_frames, setting)
         parts.append(codes)
         if on_chapter is not None:
             on_chapter(index, codes)
     return torch.cat(parts, dim=-1)
 
 
-__all__ = ["CodeCache", "codec_identity", "encode_audio", "encode_book", "file_sha256",
-           "silence_codes"]
+__all__ = ["CodeCache", "ENCODE_THREADS", "codec_identity", "device_kind", "encode_audio", "encode_book",
+           "encoding_setting", "file_sha256", "silence_codes"]

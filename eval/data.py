@@ -12,17 +12,20 @@ so lengths and alignment would be off.
 from dataclasses import dataclass
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
 import re
+import stat
 import typing as tp
 
 import numpy as np
 import sphn
 import torch
 
-AUDIO_EXTENSIONS = (".flac", ".mp3", ".wav", ".ogg")
+AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3")   # of one chapter in two formats, the first is kept
+logger = logging.getLogger(__name__)
 TRUNCATION_SLACK_SECONDS = 0.1  # decoded audio this much shorter than its header's duration: an error
 
 
@@ -91,11 +94,46 @@ def _read_metadata(audio_path: Path) -> dict | None:
     return meta
 
 
+def _audio_entries(folder: Path) -> list[Path]:
+    """The non-hidden entries of `folder` with an audio extension that are not folders: regular files, and
+    anything else (dangling links, devices, FIFOs), which reading rejects with the reason."""
+    return [p for p in folder.iterdir()
+            if not p.name.startswith(".") and p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir()]
+
+
+def _book_chapters(book_dir: Path) -> list[Path]:
+    """The chapter files of a book folder in natural order, each chapter once: of `c1.flac` and `c1.wav`
+    (one chapter in two formats) the first in `AUDIO_EXTENSIONS` order is kept; each dropped file and each
+    ignored sub-folder with audio is a warning naming it."""
+    files = sorted(_audio_entries(book_dir), key=lambda p: natural_key(p.name))
+    by_stem: dict[str, list[Path]] = {}
+    for f in files:
+        by_stem.setdefault(f.stem, []).append(f)
+    kept: list[Path] = []
+    for f in files:
+        group = by_stem[f.stem]
+        first = min(group, key=lambda p: (AUDIO_EXTENSIONS.index(p.suffix.lower()), p.name))
+        if f is not first:
+            logger.warning("%s: the same chapter as %s in another format: ignored (one chapter is counted once)",
+                           f, first.name)
+            continue
+        kept.append(f)
+    for sub in book_dir.iterdir():
+        if sub.is_dir() and not sub.name.startswith("."):
+            if any(p.suffix.lower() in AUDIO_EXTENSIONS for p in sub.rglob("*")):
+                logger.warning("%s: audio in a sub-folder of a book folder is ignored (layout "
+                               "<root>/<speaker>/<book>/<chapter>)", sub)
+    return kept
+
+
 def discover_books(audio_dir: str | Path) -> list[Book]:
     """All books under `audio_dir` in LibriLight layout `<root>/<speaker>/<book>/<chapter>.<ext>`.
 
     Books are sorted by (speaker, book) and chapters by file name, both in natural order. Hidden entries
-    (names starting with ".") are skipped; book folders without audio files are skipped.
+    (names starting with ".") are skipped; book folders without audio files are skipped. Nothing is
+    dropped or counted twice silently: audio at another depth (in the root, in a speaker folder, in a
+    sub-folder of a book) is a warning naming it; a chapter in two formats counts once (`_book_chapters`);
+    a book folder reached twice (a linked speaker or book folder) counts once, with a warning.
 
     Raises:
         DataError: `audio_dir` missing, not a directory, empty, or with no audio file in the layout;
@@ -111,26 +149,37 @@ def discover_books(audio_dir: str | Path) -> list[Book]:
     speakers = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                       key=lambda p: natural_key(p.name))
     books: list[Book] = []
+    seen: dict[Path, Path] = {}          # resolved book folder -> the folder it was first found as
     for speaker in speakers:
+        stray = sorted(p.name for p in _audio_entries(speaker))
+        if stray:
+            logger.warning("%s: %d audio file(s) directly in a speaker folder are ignored (e.g. %s; layout "
+                           "<root>/<speaker>/<book>/<chapter>)", speaker, len(stray), stray[0])
         book_dirs = sorted((p for p in speaker.iterdir() if p.is_dir() and not p.name.startswith(".")),
                            key=lambda p: natural_key(p.name))
         for book_dir in book_dirs:
+            resolved = book_dir.resolve()
+            if resolved in seen:
+                logger.warning("%s: the same folder as %s (a link): its book is counted once", book_dir,
+                               seen[resolved])
+                continue
+            seen[resolved] = book_dir
             # A dangling symbolic link is a chapter too: reading it fails, and the book is skipped with the
             # reason (or the run stops with --strict) instead of being scored without it.
-            files = sorted((p for p in book_dir.iterdir()
-                            if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
-                            and p.suffix.lower() in AUDIO_EXTENSIONS),
-                           key=lambda p: natural_key(p.name))
+            files = _book_chapters(book_dir)
             if files:
                 chapters = [Chapter(path=f, metadata=_read_metadata(f)) for f in files]
                 books.append(Book(speaker=speaker.name, book=book_dir.name, chapters=chapters))
+    stray = [p.name for p in _audio_entries(root)][:3]
     if not books:
-        stray = [p.name for p in root.iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS][:3]
         hint = (f" (audio files found directly in it, e.g. {stray}: they must be in "
                 f"<speaker>/<book>/ subfolders)" if stray else "")
         raise DataError(
             f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) in LibriLight layout "
             f"<root>/<speaker>/<book>/<chapter> under {root}{hint}")
+    if stray:
+        logger.warning("%s: audio files directly in the root are ignored (e.g. %s; layout "
+                       "<root>/<speaker>/<book>/<chapter>)", root, stray[0])
     return books
 
 
@@ -140,6 +189,8 @@ def book_seconds(book: Book) -> float:
     Raises:
         AudioReadError: a chapter whose duration cannot be read; names the file.
     """
+    for c in book.chapters:     # sphn would block on a FIFO, or read /dev/zero forever
+        check_audio_file(c.path)
     durations = sphn.durations([str(c.path) for c in book.chapters])
     for chapter, duration in zip(book.chapters, durations):
         if duration is None:
@@ -191,24 +242,51 @@ def _sinc_filters(up: int, down: int, zeros: int, rolloff: float) -> tuple[torch
     return filters.t().contiguous().float(), width
 
 
+# The polyphase filter bank has `up` phases of about `2 * width + down` taps: small for the common rates
+# (16 kHz: 3 x 57, 22.05 and 44.1 kHz: 160 x 200 and 80 x 240, 48 kHz: 1 x 53) but quadratic in the reduced
+# ratio (22,051 Hz: 24,000 x 22,104 taps, 2 GB, and as much again for the conv weight). Past these bounds
+# each output sample's taps are computed on the fly instead (`_resample_direct`), a block at a time.
+POLYPHASE_MAX_PHASES = 320
+POLYPHASE_MAX_TAPS = 1 << 22     # phases x taps of the filter bank (16 MB as float32)
+DIRECT_BLOCK_VALUES = 1 << 21    # output samples x taps per block of `_resample_direct` (8 MB as float32)
+DIRECT_BANK_VALUES = 1 << 24     # phases x taps of `_resample_direct`'s precomputed taps (64 MB as float32)
+
+
+def _resample_plan(src_rate: int, dst_rate: int) -> tuple[int, int, int, str]:
+    """`(up, down, width, method)` for resampling `src_rate` -> `dst_rate`: the reduced ratio, the filter's
+    half width in input samples, and "polyphase" (filter bank + conv) or "direct" (taps per output sample)."""
+    g = math.gcd(int(src_rate), int(dst_rate))
+    up, down = int(dst_rate) // g, int(src_rate) // g
+    width = math.ceil(_ZEROS / (min(1.0, up / down) * _ROLLOFF))
+    taps = 2 * width + down + 1
+    method = "polyphase" if up <= POLYPHASE_MAX_PHASES and up * taps <= POLYPHASE_MAX_TAPS else "direct"
+    return up, down, width, method
+
+
+_ZEROS, _ROLLOFF = 24, 0.945
+
+
 def resample(wav: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     """Band-limited resampling of `wav` `[T]` float32 from `src_rate` to `dst_rate`: `[ceil(T * dst / src)]`.
 
     No delay: output sample n is the input interpolated at time n / dst_rate. Anti-aliasing lowpass at
     0.945 of the lower Nyquist frequency (Hann-windowed sinc, 24 zero crossings). Zero padding at the ends.
+    Memory is bounded whatever the rates (`_resample_plan`): a polyphase filter bank for ratios with few
+    phases (every common rate), the same filter evaluated per output sample otherwise.
     """
     if wav.ndim != 1:
         raise ValueError(f"wav: expected a 1-D array [T], got shape {wav.shape}")
     if src_rate <= 0 or dst_rate <= 0:
         raise ValueError(f"sample rates must be positive, got src_rate={src_rate}, dst_rate={dst_rate}")
-    g = math.gcd(int(src_rate), int(dst_rate))
-    up, down = int(dst_rate) // g, int(src_rate) // g
+    up, down, width, method = _resample_plan(src_rate, dst_rate)
     if up == down:
         return wav.astype(np.float32, copy=False)
+    if method == "direct":
+        return _resample_direct(wav, up, down, width)
     length = wav.shape[0]
     out_len = -(-length * up // down)
     frames = -(-out_len // up)
-    filters, width = _sinc_filters(up, down, zeros=24, rolloff=0.945)
+    filters, width = _sinc_filters(up, down, zeros=_ZEROS, rolloff=_ROLLOFF)
     # Polyphase as a plain conv: input sample k * down + r goes to channel r, position k, so that each
     # output frame k is conv1d(in=down channels, out=up phases, kernel=kq) at position k (stride 1).
     kq = -(-filters.shape[0] // down)
@@ -227,6 +305,43 @@ def resample(wav: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     return out.reshape(-1)[:out_len].numpy()
 
 
+def _direct_taps(t: torch.Tensor, width: int, cutoff: float) -> torch.Tensor:
+    """The windowed sinc of `_sinc_filters` at times `t` (input samples from the output sample's time)."""
+    window = torch.where(t.abs() <= width, torch.cos(math.pi * t / (2 * width)) ** 2, torch.zeros_like(t))
+    return cutoff * torch.special.sinc(cutoff * t) * window
+
+
+def _resample_direct(wav: np.ndarray, up: int, down: int, width: int) -> np.ndarray:
+    """`resample` by applying, to each output sample n, the windowed sinc of `_sinc_filters` at the input
+    samples around its time n * down / up (`[2 * width + 2]` taps), a block of outputs at a time. The taps
+    of the `up` phases are computed once when they fit `DIRECT_BANK_VALUES` (always for 24 kHz output: at
+    most 24,000 x 410), else per block."""
+    cutoff = min(1.0, up / down) * _ROLLOFF
+    length = wav.shape[0]
+    out_len = -(-length * up // down)
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    x = torch.nn.functional.pad(x, (width + 1, width + 2))          # input sample i at i + width + 1
+    taps = torch.arange(-width, width + 2, dtype=torch.int64)        # [J]
+    windows = x.unfold(0, taps.shape[0], 1)                          # [., J] view of the padded input
+    bank = None
+    if up * taps.shape[0] <= DIRECT_BANK_VALUES:                     # [up, J]: phase p at time p / up
+        phases = torch.arange(up, dtype=torch.float64) / up
+        bank = _direct_taps(taps[None, :].double() - phases[:, None], width, cutoff).float()
+    out = np.empty(out_len, dtype=np.float32)
+    block = max(1, DIRECT_BLOCK_VALUES // taps.shape[0])
+    for start in range(0, out_len, block):
+        n = torch.arange(start, min(out_len, start + block), dtype=torch.int64)
+        base = n * down // up                                        # integer part of the time, exact
+        phase = n * down % up                                        # fractional part, in 1/up
+        if bank is not None:
+            h = bank.index_select(0, phase)                          # [B, J]
+        else:
+            h = _direct_taps(taps[None, :].double() - (phase.double() / up)[:, None], width, cutoff).float()
+        values = windows.index_select(0, base + 1)                   # [B, J]: inputs base - width .. base + width + 1
+        out[start: start + n.shape[0]] = (h * values).sum(dim=1).numpy()
+    return out
+
+
 def _opus_pre_skip(path: Path) -> int:
     """Pre-skip (samples at 48 kHz) from the OpusHead packet of an Ogg Opus file (RFC 7845, 5.1)."""
     with open(path, "rb") as f:
@@ -238,12 +353,21 @@ def _opus_pre_skip(path: Path) -> int:
 
 
 def check_audio_file(path: str | Path) -> Path:
-    """`path` as a Path; AudioReadError if it is not a file (a dangling link says where it points)."""
+    """`path` as a Path; AudioReadError if it is not a regular file (a dangling link says where it points;
+    a device, FIFO or socket is named as such: reading one could block or never end)."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        mode = path.stat().st_mode
+    except OSError:
         if path.is_symlink():
-            raise AudioReadError(path, f"dangling symbolic link to {os.readlink(path)}")
-        raise AudioReadError(path, "no such file")
+            raise AudioReadError(path, f"dangling symbolic link to {os.readlink(path)}") from None
+        raise AudioReadError(path, "no such file") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        target = f" (a link to {os.readlink(path)})" if path.is_symlink() else ""
+        raise AudioReadError(path, f"not a regular file: {kind}{target}")
     return path
 
 

@@ -148,7 +148,9 @@ def demo_audiobook(dest: str | Path) -> Path:
     (`<speaker>/<book>/<chapter>.flac` + `.json`) and return that root (to pass as `--audio-dir`).
 
     Shipped files are flat, named `<speaker>__<book>__<chapter>.flac|.json`, so that the package data is
-    one glob. An existing copy is overwritten file by file (the content is always the shipped one).
+    one glob. A file already there with the shipped content is left as it is (its mtime too, so that a
+    rerun of the demo into the same folder resumes instead of seeing changed chapters); any other is
+    replaced by the shipped one.
 
     Raises:
         FileNotFoundError: the package's assets are missing (a broken install).
@@ -161,11 +163,20 @@ def demo_audiobook(dest: str | Path) -> Path:
         speaker, book, chapter = audio.stem.split("__")
         target = root / speaker / book
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(audio, target / f"{chapter}.flac")
+        _copy_if_different(audio, target / f"{chapter}.flac")
         meta = audio.with_suffix(".json")
         if meta.is_file():
-            shutil.copyfile(meta, target / f"{chapter}.json")
+            _copy_if_different(meta, target / f"{chapter}.json")
     return root
+
+
+def _copy_if_different(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` unless `dst` is a regular file with the same bytes already (left untouched)."""
+    if dst.is_file() and not dst.is_symlink() and dst.stat().st_size == src.stat().st_size:
+        if dst.read_bytes() == src.read_bytes():
+            return
+    dst.unlink(missing_ok=True)            # a link is replaced, never written through
+    shutil.copyfile(src, dst)
 
 
 def demo_audiobook_manifest() -> list[dict]:

@@ -57,8 +57,19 @@ class Ranks:
             dist.barrier()
 
     def close(self) -> None:
-        if self.active and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.active:
+            shutdown()
+
+
+def shutdown() -> None:
+    """Destroy the process group if this process joined one; a no-op otherwise (idempotent).
+
+    Every path out of a torchrun process must come through here (`cli.main` calls it last): a process that
+    exits with its gloo group alive aborts at exit ("terminate called without an active exception", SIGABRT)
+    when its worker threads are torn down with the interpreter.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class DistributedError(RuntimeError):

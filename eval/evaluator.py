@@ -53,7 +53,7 @@ from .config import LibriLightConfig, RunConfig
 from .hashing import FileHasher
 from .lock import OutputLock
 from .run import (SILENCE_FRAMES, EvalJob, _Book, _RankReport, _batches, _check_unique_ids, _chapter_identity,
-                  _encode, _metrics, _write_results, chunk_summary, scoring_config)
+                  _encode, _metrics, _write_results, chunk_summary, config_digest, scoring_config)
 from .scoring import score_sequences
 
 LOSSES = ("audio_ce", "audio_ce_weighted")
@@ -69,7 +69,8 @@ def flat_metrics(metrics: dict, prefix: str = "librilight") -> dict[str, float]:
       `.../se` for audio_ce and audio_ce_weighted;
     - `{prefix}/L/slope_per_1000`: the curve's least-squares slope per 1000 frames (with `/low`, `/high`,
       `/se` for the two audio losses);
-    - `{prefix}/num_books`, `{prefix}/num_frames` (the longest book).
+    - `{prefix}/num_books`, `{prefix}/longest_book_frames`, `{prefix}/frames_scored` (the (book, frame) values
+      averaged into the means).
     A value that does not exist is left out, never 0.0: a report frame no book reaches, an interval with
     fewer than 2 books reaching it or `bootstrap=0`, a slope over fewer than 2 frames.
     """
@@ -103,7 +104,8 @@ def flat_metrics(metrics: dict, prefix: str = "librilight") -> dict[str, float]:
     for k, s in enumerate(metrics.get("codebook_ce", [])):
         summary(f"codebook_{k}_ce", dict(s, bootstrap=None))
     put("num_books", metrics["audio_ce"]["num_sequences"])
-    put("num_frames", metrics["audio_ce"]["num_frames"])
+    put("longest_book_frames", metrics["audio_ce"]["longest_book_frames"])
+    put("frames_scored", metrics["audio_ce"]["frames_scored"])
     return out
 
 
@@ -166,7 +168,8 @@ class EvalResult:
             b.finished = self.sequences.get(b.sequence_id)
         job = EvalJob(argv=list(argv), out=out, audio_dir=tp.cast(Path, ev.config.audio_dir),
                       select=lambda: [b.book for b in books], load=lambda: tp.cast(tp.Any, None),
-                      identity=identity, config=ev.config, run=RunConfig(out=out, no_progress=True), hasher=hasher)
+                      identity=identity, config=ev.config, run=RunConfig(out=out, no_progress=True), hasher=hasher,
+                      device=str(self._model.device))
         ckpt = LoadedCheckpoint(tp.cast(tp.Any, self._model), ev.mimi, None, identity)
         batch_of = {b.sequence_id: batch for batch in ev._batch_ids for b in batch}
         with OutputLock(out, f"moshi_eval.EvalResult.write({os.fsdecode(out)!r})"):
@@ -176,7 +179,8 @@ class EvalResult:
                     continue
                 b.chapters = _chapter_identity(b.book, hasher)
                 meta = {"sequence_id": b.sequence_id, "chapters": b.chapters, "batch_size": ev.config.batch_size,
-                        "batch": [x.sequence_id for x in batch_of[b.sequence_id]], "device": str(self._model.device)}
+                        "batch": [x.sequence_id for x in batch_of[b.sequence_id]], "device": str(self._model.device),
+                        "config_sha256": config_digest(scoring_config(job))}
                 report.write_sequence(out, b.sequence_id, b.finished, meta)
             _write_results(job, ckpt, books, self._reports, time.perf_counter() - self.seconds)
         return out / report.RESULTS_JSON

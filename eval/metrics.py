@@ -57,14 +57,17 @@ class Slope:
 @dataclass
 class CurveSummary:
     num_sequences: int
-    num_frames: int                   # longest sequence
+    num_frames: int                   # longest sequence ("longest_book_frames" in results.json)
     mean: float | None                # mean over every (sequence, frame) value
-    positions: list[PositionValue]
-    slope: Slope
+    frames_scored: int = 0            # (sequence, frame) values with a finite loss: what `mean` averages
+    positions: list[PositionValue] = field(default_factory=list)
+    slope: Slope = field(default_factory=lambda: Slope(present=False))
     buckets: list[Bucket] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, tp.Any]:
-        return asdict(self)
+        """As results.json holds it: `num_frames` is named `longest_book_frames` there, beside
+        `frames_scored` (the (book, frame) values averaged into `mean`)."""
+        return {("longest_book_frames" if k == "num_frames" else k): v for k, v in asdict(self).items()}
 
 
 def frame_mean(values: tp.Sequence[np.ndarray]) -> Curve:
@@ -143,6 +146,6 @@ def summarize(values: tp.Sequence[np.ndarray], report_at: tp.Sequence[int] = DEF
     pooled = np.concatenate([v[np.isfinite(v)] for v in finite])
     return CurveSummary(
         num_sequences=len(values), num_frames=curve.num_frames,
-        mean=float(pooled.mean()) if pooled.size else None,
+        mean=float(pooled.mean()) if pooled.size else None, frames_scored=int(pooled.size),
         positions=[value_at(curve, p, half_window) for p in report_at],
         slope=slope_per_1000(curve), buckets=bucket_means(curve, bucket))

@@ -75,6 +75,30 @@ def _json_safe(value: tp.Any) -> tp.Any:
     return value
 
 
+def json_form(value: tp.Any) -> tp.Any:
+    """`value` as it reads back from a JSON file (tuples become lists, NaN None...)."""
+    return json.loads(json.dumps(_json_safe(value)))
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Remove the temporary files (`.<name>.*.tmp`, see `atomic.atomic_write`) that a run killed while
+    writing left in `out_dir` and its `sequences/`. Call it under the folder's lock only: a running run's
+    temporary files are not stale. Returns what was removed."""
+    removed = []
+    for folder in (Path(out_dir), Path(out_dir) / SEQUENCES_DIR):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp"):
+                if path.is_file() and not path.is_symlink():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a result file, as results.json records the files it was written with."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def write_json_atomic(path: str | Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
 
@@ -96,14 +120,25 @@ def sequence_path(out_dir: str | Path, sequence_id: str) -> Path:
 def write_sequence(out_dir: str | Path, sequence_id: str, arrays: dict[str, np.ndarray],
                    meta: dict | None = None) -> Path:
     """Atomically write `<out>/sequences/<sequence_id>.npz` with the arrays of `SEQUENCE_ARRAYS` and
-    `meta` (a JSON object: the full id, the chapters' identity...) as the string array `meta_json`."""
+    `meta` (a JSON object: the full id, the chapters' identity...) as the string array `meta_json`, with
+    `arrays_sha256` added: the checksum `read_sequence` checks, so that edited values are refused."""
     _check_sequence_arrays(sequence_id, arrays)
     path = sequence_path(out_dir, sequence_id)
     buffer = io.BytesIO()
-    extra = {"meta_json": np.asarray(json.dumps(_json_safe(meta or {})))}
+    meta = dict(meta or {}, arrays_sha256=_arrays_sha256(arrays))
+    extra = {"meta_json": np.asarray(json.dumps(_json_safe(meta)))}
     np.savez(buffer, **{k: np.asarray(arrays[k]) for k in SEQUENCE_ARRAYS}, **extra)
     _write_atomic(path, lambda f: f.write(buffer.getvalue()))
     return path
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in SEQUENCE_ARRAYS:
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _check_sequence_arrays(sequence_id: str, arrays: dict[str, np.ndarray]) -> None:
@@ -138,6 +173,10 @@ def read_sequence(path, with_meta=False):  # noqa: E302
     except Exception as exc:   # zipfile / pickle / JSON / OS errors: the file is not a sequence file
         raise ReportError(f"cannot read sequence file {path}: {exc}") from exc
     _check_sequence_arrays(str(path), arrays)
+    recorded = meta.get("arrays_sha256") if isinstance(meta, dict) else None
+    if recorded is not None and recorded != _arrays_sha256(arrays):
+        raise ReportError(f"sequence file {path}: its values do not match the checksum written with them (edited "
+                          "or corrupt). Delete it and rerun the same command to score the book again.")
     if not np.isfinite(arrays["audio_ce"]).any():
         raise ReportError(f"sequence file {path} holds no finite loss: it is corrupt. Delete it and rerun the "
                           "same command to score the book again.")
@@ -154,7 +193,7 @@ def check_or_write_config(out_dir: str | Path, config: dict) -> bool:
     """
     out_dir = Path(out_dir)
     path = out_dir / CONFIG_JSON
-    config = json.loads(json.dumps(_json_safe(config)))          # the form it takes on disk
+    config = json_form(config)                                   # the form it takes on disk
     has_results = (out_dir / SEQUENCES_DIR).is_dir() and any((out_dir / SEQUENCES_DIR).glob("*.npz"))
     if path.exists() and not has_results:
         # A run that failed before finishing any sequence (bad checkpoint, bad data): nothing to protect.

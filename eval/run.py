@@ -14,6 +14,8 @@ No result is lost or mixed:
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 import datetime
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -35,9 +37,9 @@ from . import distributed, report
 from .check import verify_streaming
 from .checkpoint import LoadedCheckpoint, check_codec_fits
 from .config import LibriLightConfig, RunConfig
-from .codes import CodeCache, codec_identity, encode_book, silence_codes
+from .codes import CodeCache, codec_identity, device_kind, encode_book, encoding_setting, silence_codes
 from .data import AudioReadError, Book, DataError, book_seconds
-from .hashing import FileHasher, file_sha256
+from .hashing import FileHasher
 from .lock import OutputLock
 from .bootstrap import bootstrap_summary, bucket_band
 from .metrics import summarize
@@ -68,16 +70,20 @@ class EvalJob:
     run: RunConfig                             # --out, code cache, threads, progress
     hasher: FileHasher = field(default_factory=FileHasher)
     extra_config: dict = field(default_factory=dict)
+    device: str | None = "cpu"                 # where the model runs (`--device`; None: the default device)
 
 
 def scoring_config(job: EvalJob) -> dict:
     """What the per-sequence numbers depend on: a rerun in the same --out must match it exactly.
 
     Book selection (--num-books, --min-frames), reporting and --strict are left out: they do not change a
-    finished book's numbers, so a run can be extended or re-reported in place. The batch size and device
-    are recorded with each book.
+    finished book's numbers, so a run can be extended or re-reported in place. The batch size is in: a book
+    streamed in a batch of another size gets other numbers at rounding level (~1e-6). So are the device kind
+    and Mimi's encoding setting (`codes.encoding_setting`): codes made on another device or thread count can
+    differ. Each book file records the digest of this configuration (`config_digest`).
     """
     a = job.config
+    device = _config_device(job.device)
     return {
         "audio_dir": os.fsdecode(job.audio_dir.resolve()),
         "model": job.identity,
@@ -89,8 +95,22 @@ def scoring_config(job: EvalJob) -> dict:
         # The losses agree across chunk lengths up to float rounding only: a resumed run keeps its chunk so
         # that its books are bitwise those of an uninterrupted run.
         "chunk": a.chunk,
+        "batch_size": a.batch_size,
+        "device": device_kind(device),
+        "encoding": encoding_setting(device),
         **job.extra_config,
     }
+
+
+def _config_device(device: str | None) -> torch.device:
+    """The device the run scores on, as `checkpoint.resolve_device` resolves `--device`."""
+    from .checkpoint import resolve_device
+    return resolve_device(device)
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of a scoring configuration in the form it takes on disk, recorded in each book file."""
+    return hashlib.sha256(json.dumps(report.json_form(config), sort_keys=True).encode()).hexdigest()
 
 
 def versions() -> dict:
@@ -157,6 +177,7 @@ def _open_output(job: EvalJob, ranks: distributed.Ranks, stack: ExitStack) -> bo
     if ranks.is_main:
         try:
             stack.enter_context(OutputLock(job.out, command_line(job.argv)))
+            report.remove_stale_temporaries(job.out)     # of a run killed while writing (under the lock)
             outcome = (report.check_or_write_config(job.out, scoring_config(job)), None)
         except Exception as exc:
             outcome = (False, exc)
@@ -243,7 +264,11 @@ def _check_unique_ids(books: list[_Book], audio_dir: Path) -> None:
     ids = [b.sequence_id for b in books]
     if len(set(ids)) != len(ids):
         dups = sorted({i for i in ids if ids.count(i) > 1})
-        raise DataError(f"several books share a sequence id under {audio_dir}: {dups[:5]}")
+        folders = {i: [os.fsdecode(b.book.chapters[0].path.parent) for b in books if b.sequence_id == i]
+                   for i in dups[:3]}
+        named = "; ".join(f"{i}: {', '.join(f)}" for i, f in folders.items())
+        raise DataError(f"several books share a sequence id under {audio_dir} ({named}): rename one of the "
+                        "folders.")
 
 
 def _chapter_identity(book: Book, hasher: FileHasher) -> list[dict] | None:
@@ -253,30 +278,35 @@ def _chapter_identity(book: Book, hasher: FileHasher) -> list[dict] | None:
         return None
 
 
-def _load_finished(b: _Book, job: EvalJob) -> bool:
-    """Whether `--out` holds this book scored from the very chapters it has now (then kept in `b`)."""
+def _load_finished(b: _Book, job: EvalJob) -> str | None:
+    """Keeps in `b` the book's arrays if `--out` holds it scored from the very chapters it has now, under
+    this configuration, for this book. Returns why a book file there is not reused (None otherwise)."""
     b.chapters = _chapter_identity(b.book, job.hasher)
     path = report.sequence_path(job.out, b.sequence_id)
     if not path.is_file():
-        return False
+        return None
     arrays, meta = report.read_sequence(path, with_meta=True)
+    if meta.get("config_sha256") != config_digest(scoring_config(job)):
+        return ("its file was scored under another configuration (another model, --max-frames, options...) "
+                "or comes from another run")
+    if meta.get("sequence_id") != b.sequence_id:
+        return f"its file holds book {meta.get('sequence_id')!r}"
     if b.chapters is None or meta.get("chapters") != b.chapters:
-        return False
+        return "its chapters changed since it was scored (added, removed or replaced files)"
     b.finished = arrays
-    return True
+    return None
 
 
 def _resume(books: list[_Book], job: EvalJob, resumed: bool, ranks: distributed.Ranks) -> None:
-    """Mark the books already scored in `--out` as finished, unless their chapters changed since."""
-    rescored = [b.sequence_id for b in books
-                if not _load_finished(b, job) and report.sequence_path(job.out, b.sequence_id).is_file()]
+    """Mark the books already scored in `--out` as finished, unless their chapters changed since or their
+    file was not scored under this configuration (copied from elsewhere)."""
+    rescored = [(b.sequence_id, why) for b in books if (why := _load_finished(b, job)) is not None]
     done = sum(b.finished is not None for b in books)
     if resumed and done:
         print(f"moshi-eval: {ranks.tag}resuming in {job.out}: {done} of {len(books)} books already scored.",
               file=sys.stderr)
-    for sid in rescored:
-        print(f"moshi-eval: {ranks.tag}{sid}: its chapters changed since it was scored (added, removed or "
-              "replaced files): scoring it again.", file=sys.stderr)
+    for sid, why in rescored:
+        print(f"moshi-eval: {ranks.tag}{sid}: {why}: scoring it again.", file=sys.stderr)
 
 
 def _encode(batches: list[list[_Book]], ckpt: LoadedCheckpoint, cache: CodeCache | None,
@@ -336,6 +366,7 @@ def _score(batches: list[list[_Book]], lm_gen: LMGen, mimi: tp.Any, job: EvalJob
     total = sum(min(b.codes.shape[-1], args.max_frames or b.codes.shape[-1])
                 for batch in batches for b in batch if b.finished is None and b.codes is not None)
     written = 0
+    digest = config_digest(scoring_config(job))
     with tqdm(total=total, unit="frame", desc=f"{ranks.tag}scoring", dynamic_ncols=True, smoothing=0.05,
               disable=job.run.no_progress or not total or not ranks.is_main) as bar:
         for batch in batches:
@@ -348,7 +379,8 @@ def _score(batches: list[list[_Book]], lm_gen: LMGen, mimi: tp.Any, job: EvalJob
                 if b.finished is not None:      # Scored before, in this same batch: the same numbers.
                     continue
                 meta = {"sequence_id": b.sequence_id, "chapters": b.chapters, "batch_size": args.batch_size,
-                        "batch": [x.sequence_id for x in batch], "device": str(lm_model.device)}
+                        "batch": [x.sequence_id for x in batch], "device": str(lm_model.device),
+                        "config_sha256": digest}
                 path = report.write_sequence(out, b.sequence_id, result.arrays(), meta)
                 b.finished = result.arrays()
                 b.scored_now = True
@@ -403,8 +435,10 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
     skipped = [entry for r in reports for entry in r.skipped]
     skipped_ids = {entry["sequence_id"] for entry in skipped}
     scored_now = {sid for r in reports for sid in r.scored}
-    finished = [b for b in books if b.sequence_id not in skipped_ids and (b.finished is not None
-                                                                          or _load_finished(b, job))]
+    for b in books:                      # books of other ranks: read their files
+        if b.finished is None and b.sequence_id not in skipped_ids:
+            _load_finished(b, job)
+    finished = [b for b in books if b.sequence_id not in skipped_ids and b.finished is not None]
     if args.min_frames is not None:     # Books scored before, in a run with a lower --min-frames.
         short = [b for b in finished if tp.cast(dict, b.finished)["audio_ce"].shape[0] < args.min_frames]
         for b in short:
@@ -429,9 +463,7 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
             audio_ce_mean=float(np.nanmean(s["audio_ce"])),
             audio_ce_weighted_mean=float(np.nanmean(s["audio_ce_weighted"])),
             file=str(report.sequence_path(out, b.sequence_id).relative_to(out)),
-            # What `compare` checks the book file against: one rewritten since (a rescoring interrupted
-            # before results.json) is not mixed with this results.json.
-            file_sha256=file_sha256(report.sequence_path(out, b.sequence_id))))
+            file_sha256=report.file_digest(report.sequence_path(out, b.sequence_id))))
     timing = {"scored_frames": sum(r.frames for r in reports),
               "score_seconds": max(r.score_seconds for r in reports),
               "encode_seconds": max(r.encode_seconds for r in reports)}
@@ -471,13 +503,16 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
         "metrics": _metrics(sequences, args),
         "runtime": runtime,
     }
-    report.write_json_atomic(out / report.RESULTS_JSON, results)
+    # results.json last, naming the digests of the files written with it: a run killed in between leaves
+    # a results.json whose digests do not match curve.csv / curve.png, which a reader can tell.
     report.write_curve_csv(out / report.CURVE_CSV, sequences, frame_rate)
     values = [s["audio_ce"] for s in sequences.values()]
     band = bucket_band(values, args.bucket, args.bootstrap, args.bootstrap_seed) if args.bootstrap > 0 else None
     report.plot_curve(out / report.CURVE_PNG, {sid: s["audio_ce"] for sid, s in sequences.items()},
                       frame_rate, lm_model.context, band=band, log_x=args.log_x, bucket=args.bucket,
                       title=f"audio CE of {len(sequences)} book(s), text={args.text}, user={args.user_stream}")
+    results["files"] = {name: report.file_digest(out / name) for name in (report.CURVE_CSV, report.CURVE_PNG)}
+    report.write_json_atomic(out / report.RESULTS_JSON, results)
     rate = f"{scored / seconds:.1f} frames/s" if scored else "nothing left to score"
     print(f"moshi-eval: {len(sequences)} book(s), {scored} frames scored in {seconds:.1f} s "
           f"({rate}); {len(skipped)} skipped; total {total_seconds:.1f} s; results in "

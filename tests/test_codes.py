@@ -150,12 +150,13 @@ def test_corrupt_cache_entry_is_a_miss(mimi, library, tmp_path):
     book = discover_books(library)[0]
     cache = CodeCache(tmp_path / "cache", codec_identity(mimi))
     expected = encode_book(mimi, book, cache)
-    entry = cache.entry_path(book.chapters[0].path)
+    setting = codes_mod.encoding_setting("cpu")
+    entry = cache.entry_path(book.chapters[0].path, setting=setting)
     entry.write_bytes(b"truncated")
     cache = CodeCache(tmp_path / "cache", codec_identity(mimi))
     assert torch.equal(encode_book(mimi, book, cache), expected)
     assert (cache.hits, cache.misses) == (2, 1)
-    assert cache.get(book.chapters[0].path) is not None  # rewritten
+    assert cache.get(book.chapters[0].path, setting=setting) is not None  # rewritten
 
 
 def test_cache_put_validates(tmp_path, library):
@@ -186,4 +187,55 @@ def test_cache_key_includes_the_encoding_chunk_length(mimi, library, tmp_path):
     cache = CodeCache(tmp_path / "cache", codec_identity(mimi))
     encode_book(mimi, book, cache, chunk_frames=5)
     assert (cache.hits, cache.misses) == (0, 3)
-    assert cache.get(path, 250) is not None and cache.get(path, 5) is not None
+    for chunk in (250, 5):
+        assert cache.get(path, chunk, codes_mod.encoding_setting("cpu", chunk)) is not None
+
+
+def test_encoding_runs_on_a_fixed_thread_count_and_restores_the_callers(mimi, long_wav, monkeypatch):
+    """Issue 16, item 1: Mimi's codes depend on the torch thread count (a nearly tied code flips), so the
+    codes of a run depended on --threads and on which run filled the cache. Encoding now runs on
+    `ENCODE_THREADS` threads whatever the caller set, and gives the caller's count back."""
+    seen = []
+    real_encode = type(mimi).encode
+
+    def spy(self, x):
+        seen.append(torch.get_num_threads())
+        return real_encode(self, x)
+
+    monkeypatch.setattr(type(mimi), "encode", spy)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(encode_audio(mimi, long_wav, 16))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {codes_mod.ENCODE_THREADS}
+    assert torch.equal(results[0], results[1])
+
+
+def test_cache_filled_under_another_setting_is_not_used(mimi, library, tmp_path):
+    """Issue 16, item 1: codes encoded on another device (or thread count) are another cache entry."""
+    book = discover_books(library)[0]
+    path = book.chapters[0].path
+    cache = CodeCache(tmp_path / "cache", codec_identity(mimi))
+    gpu = dict(codes_mod.encoding_setting("cpu"), device="cuda (some GPU)", threads=None)
+    cache.put(path, torch.zeros(8, 13, dtype=torch.int64), setting=gpu)     # as a GPU run would store it
+    assert cache.get(path, setting=gpu) is not None
+    codes = encode_book(mimi, book, CodeCache(tmp_path / "cache", codec_identity(mimi)))
+    assert torch.equal(codes, encode_book(mimi, book))                       # not the GPU run's codes
+
+
+def test_valid_entry_of_another_chapter_at_this_key_is_a_miss(mimi, library, tmp_path):
+    """Issue 16, item 7: a valid entry of chapter A copied to chapter B's key was used as B's codes."""
+    book = discover_books(library)[0]
+    a, b = book.chapters[0].path, book.chapters[2].path
+    cache = CodeCache(tmp_path / "cache", codec_identity(mimi))
+    expected = encode_book(mimi, book, cache)
+    setting = codes_mod.encoding_setting("cpu")
+    cache.entry_path(b, setting=setting).write_bytes(cache.entry_path(a, setting=setting).read_bytes())
+    cache = CodeCache(tmp_path / "cache", codec_identity(mimi))
+    assert cache.get(b, setting=setting) is None
+    assert torch.equal(encode_book(mimi, book, cache), expected)

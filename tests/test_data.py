@@ -132,7 +132,8 @@ def test_sequence_id_sanitized_and_unique():
     assert all(ch.isalnum() or ch in "._-" for ch in a)
 
 
-@pytest.mark.parametrize("src,dst", [(16000, 24000), (22050, 24000), (48000, 24000), (44100, 16000)])
+@pytest.mark.parametrize("src,dst", [(16000, 24000), (22050, 24000), (48000, 24000), (44100, 16000),
+                                     (22051, 24000), (191999, 24000), (8001, 24000)])
 def test_resample_matches_analytic_sine(src, dst):
     n = src // 2 + 37
     tone = 440.0
@@ -143,6 +144,39 @@ def test_resample_matches_analytic_sine(src, dst):
     reference = 0.5 * np.sin(2 * np.pi * tone * np.arange(expected_len) / dst)
     interior = slice(dst // 100, expected_len - dst // 100)  # edges see the zero padding
     np.testing.assert_allclose(out[interior], reference[interior], atol=1e-4)
+
+
+@pytest.mark.parametrize("src", [16000, 22050, 44100, 11025, 32000])
+def test_resample_direct_path_equals_the_polyphase_filter(src):
+    """The per-sample path (awkward rates) applies the very filter of the polyphase path (common rates)."""
+    from moshi_eval.data import _resample_direct, _resample_plan
+    up, down, width, method = _resample_plan(src, 24000)
+    assert method == "polyphase"
+    wav = np.random.default_rng(src).standard_normal(src // 3 + 11).astype(np.float32)
+    np.testing.assert_allclose(_resample_direct(wav, up, down, width), resample(wav, src, 24000), atol=1e-5)
+
+
+def test_resample_awkward_rate_in_bounded_memory(tmp_path):
+    """Issue 16, item 8: 5 s at 22,051 Hz built 2 GB filter banks (4.2 GB arrays, 13 GB peak). Run it in a
+    process whose address space is capped at 1.5 GB above what torch's import maps."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import resource
+        import numpy as np
+        import torch
+        from moshi_eval.data import resample
+        vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 29), resource.RLIM_INFINITY))
+        for src in (22051, 44101, 96001):
+            out = resample(np.ones(5 * src, dtype=np.float32), src, 24000)
+            assert out.shape == (-(-5 * src * 24000 // src),)
+            assert abs(float(out[24000]) - 1.0) < 1e-3, out[24000]
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_resample_has_no_delay():
@@ -220,3 +254,47 @@ def test_read_audio_errors_name_the_file(tmp_path, kind):
     assert info.value.path == path
     assert str(path) in str(info.value)
     assert isinstance(info.value, DataError)
+
+
+def test_nothing_is_dropped_or_doubled_silently(tmp_path, caplog):
+    """Issue 16, item 14: audio at the wrong depth was ignored, `c1.flac` + `c1.wav` counted twice, a linked
+    speaker folder counted its books twice, all without a word."""
+    import logging
+    root = tmp_path / "root"
+    _touch_flac(root / "s1" / "b1" / "c1.flac")
+    _write_wav(root / "s1" / "b1" / "c1.wav", np.zeros(1600), 16000)           # the same chapter, as WAV
+    _touch_flac(root / "s1" / "b1" / "c2.flac")
+    _touch_flac(root / "s1" / "b1" / "extra" / "c3.flac")                      # a sub-folder of a book
+    _touch_flac(root / "s1" / "loose.flac")                                    # in a speaker folder
+    _touch_flac(root / "stray.flac")                                           # in the root
+    (root / "s2").symlink_to(root / "s1", target_is_directory=True)            # a linked speaker folder
+    with caplog.at_level(logging.WARNING, logger="moshi_eval.data"):
+        books = discover_books(root)
+    assert [(b.speaker, b.book) for b in books] == [("s1", "b1")]
+    assert [c.path.name for c in books[0].chapters] == ["c1.flac", "c2.flac"]
+    text = caplog.text
+    for named in ("c1.wav", "extra", "loose.flac", "stray.flac", str(root / "s2" / "b1")):
+        assert named in text, (named, text)
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
+def test_a_chapter_that_is_not_a_regular_file_is_rejected_without_reading_it(tmp_path, kind):
+    """Issue 16, item 9: a link to /dev/zero was hashed forever, a FIFO blocked in sphn.durations."""
+    import os
+    from moshi_eval.hashing import FileHasher
+    book_dir = tmp_path / "s" / "b"
+    _touch_flac(book_dir / "c1.flac")
+    bad = book_dir / "c2.flac"
+    if kind == "dev_zero":
+        bad.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(bad)
+    (book,) = discover_books(tmp_path)
+    assert [c.path.name for c in book.chapters] == ["c1.flac", "c2.flac"]       # kept: skipped with the reason
+    with pytest.raises(AudioReadError, match="not a regular file") as info:
+        book_seconds(book)
+    assert info.value.path == bad
+    with pytest.raises(AudioReadError, match="FIFO" if kind == "fifo" else "character device"):
+        read_audio(bad)
+    with pytest.raises(OSError, match="not a regular file"):
+        FileHasher().identity(bad)

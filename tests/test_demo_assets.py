@@ -133,3 +133,24 @@ def test_write_librilight_folder(tmp_path):
             assert chapter.path.suffix == ".flac" and chapter.metadata["sample_rate"] == 16000
             assert len(read_audio(chapter.path, 16000)) == 8000
             assert len(read_audio(chapter.path, 24000)) == 12000
+
+
+def test_demo_rerun_into_the_same_folder_resumes(tmp_path, capsys):
+    """Issue 16, item 17: the demo copied its audiobook again on every run (new mtimes), so a rerun into the
+    same --out rescored every book ("its chapters changed"). A rerun now resumes; a changed file is restored."""
+    from moshi_eval.cli import main
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--max-chapters", "1", "--max-frames", "40", "--num-books", "1",
+            "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "0"]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    second = json.loads((out / "results.json").read_text())
+    assert "changed" not in err and second["runtime"]["books_resumed"] == 1
+    assert second["runtime"]["books_scored_this_run"] == 0 and second["metrics"] == first["metrics"]
+    chapter = sorted((out / "demo_audio").rglob("*.flac"))[0]
+    chapter.write_bytes(b"damaged")
+    demo_audiobook(out / "demo_audio")
+    assert chapter.read_bytes() == next(ASSETS_DIR.glob(f"*__{chapter.parent.name}__{chapter.stem}.flac")).read_bytes()

@@ -1,5 +1,6 @@
 """Faults injected into `moshi-eval librilight` runs on the tiny checkpoint: no result is ever wrong, mixed or
 lost, and each fault is a clear message (the faults of the reliability issue, one test or more each)."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -309,3 +310,155 @@ def test_check_streaming_on_nan_weights_says_nan(capsys, monkeypatch):
     assert main(["check-streaming", "--demo", "--frames", "8", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "NaN" in err and "transformer.layers.1.self_attn.out_projs.0.weight" in err
+
+
+def test_weights_rewritten_with_their_mtime_set_back_get_a_new_digest(tmp_path):
+    """Issue 16, item 7: the digest cache was keyed on (path, size, mtime): a same-size file rewritten in place
+    with its mtime restored (`touch -d`, `cp -p`) kept the old sha256. The inode change time tells."""
+    from moshi_eval.hashing import FileHasher, file_sha256
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    hasher = FileHasher(tmp_path / "hashes")
+    before = hasher.identity(weights)
+    st = weights.stat()
+    with open(weights, "r+b") as f:          # same inode, same size, other content
+        f.write(b"b" * 4096)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == before["mtime_ns"] and weights.stat().st_size == before["size"]
+    for fresh in (hasher, FileHasher(tmp_path / "hashes")):     # the memo and the on-disk cache
+        after = fresh.identity(weights)
+        assert after["sha256"] == file_sha256(weights) != before["sha256"]
+
+
+def test_book_file_from_another_configuration_is_scored_again(world, capsys):
+    """Issue 16, item 4: a book file of another run (here a --max-frames 20 run's) copied into sequences/ was
+    reused as finished and reported under this run's identity. It is now scored again, and the run says so;
+    a book file whose values were edited (1e30) is refused, naming it."""
+    short, full, mixed = (world["root"] / f"out_foreign_{n}" for n in ("short", "full", "mixed"))
+    opts = ["--num-books", "2"]
+    assert main(_args(world, short, *opts, "--max-frames", "20")) == 0
+    assert main(_args(world, full, *opts)) == 0
+    assert main(_args(world, mixed, *opts, "--num-books", "1")) == 0       # a run of the full config, 1 book
+    foreign = report.sequence_path(short, "spk1__book1")
+    shutil.copy(foreign, report.sequence_path(mixed, "spk1__book1"))
+    capsys.readouterr()
+    assert main(_args(world, mixed, *opts)) == 0
+    err = capsys.readouterr().err
+    assert "spk1__book1: its file was scored under another configuration" in err and "scoring it again" in err
+    a, b = _npz(full), _npz(mixed)
+    for sid in a:
+        for name in report.SEQUENCE_ARRAYS:
+            np.testing.assert_array_equal(a[sid][name], b[sid][name])
+    # Values edited in place, the file's meta kept: refused with the file named.
+    path = report.sequence_path(mixed, "spk0__book0")
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["audio_ce"] = np.full_like(arrays["audio_ce"], 1e30)
+    np.savez(path, **arrays)
+    capsys.readouterr()
+    assert main(_args(world, mixed, *opts)) == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and "checksum" in err
+
+
+def test_resume_with_another_batch_size_or_device_is_refused(world, capsys):
+    """Issue 16, items 11 and 1: a resume with another --batch-size (numbers differ at rounding level), or of
+    a run made on another device (codes and losses can differ), is refused, naming the setting."""
+    out = world["root"] / "out_batch_size"
+    assert main(_args(world, out, "--num-books", "1", "--batch-size", "2")) == 0
+    capsys.readouterr()
+    assert main(_args(world, out, "--batch-size", "3")) == 1
+    assert "batch_size: stored 2, now 3" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    config["device"] = config["encoding"]["device"] = "cuda (NVIDIA H200)"
+    config["encoding"]["threads"] = None
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(_args(world, out, "--batch-size", "2")) == 1
+    err = capsys.readouterr().err
+    assert "device: stored 'cuda (NVIDIA H200)', now 'cpu'" in err and "encoding.device" in err
+
+
+def test_stale_temporaries_are_removed_and_results_name_the_files_beside_them(world):
+    """Issue 16, item 12: a run killed during its final writes left `.results.json.*.tmp` files no run
+    removed, and a results.json that could be newer than curve.csv/png with nothing telling."""
+    out = world["root"] / "out_stale_tmp"
+    assert main(_args(world, out, "--num-books", "1")) == 0
+    stale = [out / ".results.json.k1l2.tmp", out / ".curve.png.x9.tmp", out / "sequences" / ".spk0__book0.npz.a.tmp"]
+    for path in stale:
+        path.write_bytes(b"half written")
+    keep = out / "notes.tmp"                       # not an atomic write's temporary: left alone
+    keep.write_text("mine")
+    assert main(_args(world, out, "--num-books", "2")) == 0
+    assert not any(p.exists() for p in stale) and keep.exists()
+    res = _results(out)
+    assert res["files"] == {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
+                            for name in ("curve.csv", "curve.png")}
+    for book in res["books"]:
+        assert book["file_sha256"] == hashlib.sha256((out / book["file"]).read_bytes()).hexdigest()
+    # What results.json says about frames is what was scored.
+    audio = res["metrics"]["audio_ce"]
+    frames = [b["frames"] for b in res["books"]]
+    assert audio["longest_book_frames"] == max(frames) and "num_frames" not in audio
+    assert audio["frames_scored"] == sum(int(np.isfinite(s["audio_ce"]).sum()) for s in _npz(out).values())
+
+
+def test_sigterm_handler_is_installed_before_any_file_is_touched(world, monkeypatch, capsys):
+    """Issue 16, item 9: the SIGTERM handler was installed by run_eval, after the weights were hashed and the
+    torchrun rendezvous joined: a SIGTERM there killed the process without a word."""
+    import signal
+    from moshi_eval import cli
+    seen = []
+
+    def resolve(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise KeyboardInterrupt("signal SIGTERM")
+
+    monkeypatch.setattr(cli, "resolve_checkpoint", resolve)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(_args(world, world["root"] / "out_sig")) == 130
+    assert seen and seen[0] not in (signal.SIG_DFL, signal.SIG_IGN, None) and seen[0] is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "interrupted" in capsys.readouterr().err
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it creates the file named by `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_weights_never_run_code_even_where_torch_load_would(tmp_path, monkeypatch):
+    """Issue 16, item 18: setup.py allows torch 2.2-2.5, whose `torch.load` unpickles anything by default.
+    Emulate that default: loading a weight file that runs code is an error naming the file, and runs nothing."""
+    from moshi_eval import checkpoint
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "model.pt"
+    torch.save({"fsdp_best_state": {"model": {"w": _Payload(marker)}}}, evil)
+    real = torch.load
+
+    def old_default(*args, **kwargs):          # torch < 2.6: weights_only=False unless given
+        kwargs.setdefault("weights_only", False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", old_default)
+    with pytest.raises(checkpoint.CheckpointError, match=str(evil)):
+        checkpoint._read_state(evil, "cpu")
+    with checkpoint._weights_only_torch_load():      # how moshi's Mimi loader is called
+        with pytest.raises(Exception):
+            torch.load(evil, "cpu")
+    assert torch.load is old_default and not marker.exists()
+
+
+def test_two_books_with_the_same_id_name_both_folders(world, tmp_path, capsys):
+    """Issue 16, item 14: `s/x__y` and `s__x/y` are both book `s__x__y`: the run stopped without naming them."""
+    audio = tmp_path / "libri_same_id"
+    for speaker, book in (("s", "x__y"), ("s__x", "y")):
+        (audio / speaker / book).mkdir(parents=True)
+        shutil.copy(next(world["audio"].rglob("*.flac")), audio / speaker / book / "c1.flac")
+    assert main(_args(world, tmp_path / "out_same_id", audio=audio)) == 1
+    err = capsys.readouterr().err
+    assert "s__x__y" in err and str(audio / "s" / "x__y") in err and str(audio / "s__x" / "y") in err
