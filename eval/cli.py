@@ -34,6 +34,7 @@ from .data import AudioReadError, Book, DataError, book_seconds, discover_books,
 from .hashing import FileHasher
 from .likelihood import LikelihoodConfigError
 from .likelihood_compare import LikelihoodCompareError
+from .model_call import RankFailedError
 from .lock import OutputBusyError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
@@ -463,7 +464,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
         return args.func(args)
     except (DataError, CheckpointError, ConfigError, loggers.LoggerError, report.ReportError, UsageError,
             NonFiniteLossError, OutputBusyError, compare_module.CompareError, check_module.StreamingCheckError,
-            DistributedError, LikelihoodConfigError, LikelihoodCompareError) as exc:
+            DistributedError, LikelihoodConfigError, LikelihoodCompareError, RankFailedError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
