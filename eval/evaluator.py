@@ -53,7 +53,7 @@ from .config import LibriLightConfig, RunConfig
 from .hashing import FileHasher
 from .likelihood import LikelihoodEvaluator, LikelihoodResult
 from .lock import OutputLock
-from .model_call import RankFailedError, caller_ranks, check_model, raise_if_any_failed, scoring_mode
+from .model_call import RankFailedError, caller_ranks, check_model, on_every_rank, score_model
 from .run import (SILENCE_FRAMES, EvalJob, _Book, _RankReport, _batches, _check_unique_ids, _chapter_identity,
                   _encode, _metrics, _write_results, chunk_summary, scoring_config)
 from .scoring import score_sequences
@@ -226,13 +226,9 @@ class LibriLightEvaluator:
         # `_encode` reads only `mimi` of the checkpoint; the codebook count is checked against the model at
         # each call (`check_codec_fits`).
         codec_only = LoadedCheckpoint(tp.cast(tp.Any, _CodecOnly(mimi.num_codebooks)), mimi, None)
-        error: Exception | None = None
-        try:
-            self._mine = _encode(mine, codec_only, self.cache, config, skipped, self.ranks, not progress)
-            self._silence = silence_codes(mimi, SILENCE_FRAMES) if config.user_stream == "silence" else None
-        except Exception as exc:    # every rank learns it (else the others would wait for this one forever)
-            error = exc
-        raise_if_any_failed(self.ranks, error, "encoding the books")
+        self._mine = on_every_rank(self.ranks, "encoding the books", lambda: _encode(
+            mine, codec_only, self.cache, config, skipped, self.ranks, not progress))
+        self._silence = silence_codes(mimi, SILENCE_FRAMES) if config.user_stream == "silence" else None
         self.encode_seconds = time.perf_counter() - start
         # The batches as scored (books left out removed), every rank's: recorded with each book's file.
         mine_ids = [[b.sequence_id for b in batch] for batch in self._mine]
@@ -261,14 +257,7 @@ class LibriLightEvaluator:
         config = self.config
         start = time.perf_counter()
         arrays: dict[str, dict[str, np.ndarray]] = {}
-        chunks: dict = {}
-        error: Exception | None = None
-        try:
-            with scoring_mode(lm_model):
-                chunks = self._score(lm_model, arrays)
-        except Exception as exc:    # every rank learns it (else the others would wait for this one forever)
-            error = exc
-        raise_if_any_failed(self.ranks, error, "scoring")
+        chunks = score_model(self.ranks, lm_model, lambda: self._score(lm_model, arrays))
         seconds = time.perf_counter() - start
         frames = sum(int(a["audio_ce"].shape[0]) for a in arrays.values())
         cache = None if self.cache is None else {"dir": str(self.cache.root), "hits": self.cache.hits,

@@ -49,7 +49,7 @@ from .codes import CodeCache, codec_identity, encode_audio, silence_codes
 from .data import AudioReadError, DataError, read_audio
 from .hashing import FileHasher
 from .lock import OutputLock
-from .model_call import caller_ranks, check_model, raise_if_any_failed, scoring_mode
+from .model_call import caller_ranks, check_model, on_every_rank, score_model
 from .scoring import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS, score_sequences
 
 NORMALIZATIONS = ("sum", "mean")
@@ -476,16 +476,10 @@ class LikelihoodEvaluator:
         self._encoded: dict[int, _Encoded] = {}
         self._silence: torch.Tensor | None = None
         self.encode_seconds = 0.0
-        error: Exception | None = None
-        try:
-            if config.user_stream == "silence":
-                self._silence = silence_codes(mimi, SILENCE_FRAMES)
-            if encode:
-                for index in self._mine:
-                    self._encode(index)
-        except Exception as exc:    # every rank learns it (else the others would wait for this one forever)
-            error = exc
-        raise_if_any_failed(self.ranks, error, "encoding the files")
+        if config.user_stream == "silence":
+            self._silence = silence_codes(mimi, SILENCE_FRAMES)
+        if encode:
+            on_every_rank(self.ranks, "encoding the files", lambda: [self._encode(index) for index in self._mine])
 
     def _encode(self, index: int) -> _Encoded:
         """Batch `index` read and encoded (memory, then the code cache, then Mimi), once."""
@@ -524,15 +518,7 @@ class LikelihoodEvaluator:
         """
         check_model(lm_model)
         start = time.perf_counter()
-        result: tuple | None = None
-        error: Exception | None = None
-        try:
-            with scoring_mode(lm_model):
-                result = self._score(lm_model, store)
-        except Exception as exc:    # every rank learns it (else the others would wait for this one forever)
-            error = exc
-        raise_if_any_failed(self.ranks, error, "scoring")
-        gathered = self.ranks.gather(tp.cast(tuple, result))
+        gathered = self.ranks.gather(score_model(self.ranks, lm_model, lambda: self._score(lm_model, store)))
         scores: dict[str, ItemScore] = {}
         skipped_files: list[dict] = []
         runtime = {k: 0.0 for k in gathered[0][2]}

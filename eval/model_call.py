@@ -5,7 +5,8 @@
 - `scoring_mode(lm_model)`: eval mode and no autograd for the call, every module's training flag restored after,
   also when the call raises;
 - `raise_if_any_failed(ranks, error, what)`: an error on one rank raised on every rank (a `RankFailedError`
-  naming it on the others), instead of the others waiting forever in the next collective step.
+  naming it on the others), instead of the others waiting forever in the next collective step; `on_every_rank`
+  and `score_model` wrap a step in it.
 """
 from contextlib import contextmanager
 import os
@@ -48,6 +49,29 @@ def raise_if_any_failed(ranks: distributed.Ranks, error: Exception | None, what:
         raise RankFailedError(f"{ranks.tag}rank {rank} failed while {what}: {message}")
 
 
+T = tp.TypeVar("T")
+
+
+def on_every_rank(ranks: distributed.Ranks, what: str, fn: tp.Callable[[], T]) -> T:
+    """`fn()`, whose error on any rank is raised on every rank (`raise_if_any_failed`): a collective step."""
+    error: Exception | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:    # every rank learns it (else the others would wait for this one forever)
+        error = exc
+    raise_if_any_failed(ranks, error, what)
+    return tp.cast(T, result)
+
+
+def score_model(ranks: distributed.Ranks, lm_model: torch.nn.Module, fn: tp.Callable[[], T]) -> T:
+    """`fn()` with `lm_model` in `scoring_mode`, on every rank (`on_every_rank`, "scoring")."""
+    def scored() -> T:
+        with scoring_mode(lm_model):
+            return fn()
+    return on_every_rank(ranks, "scoring", scored)
+
+
 def check_model(lm_model: tp.Any) -> None:
     """TypeError if `lm_model` is not a moshi LMModel, ValueError if it is streaming already."""
     if not isinstance(lm_model, LMModel):
@@ -72,4 +96,5 @@ def scoring_mode(lm_model: torch.nn.Module) -> tp.Iterator[None]:
             module.training = training
 
 
-__all__ = ["RankFailedError", "caller_ranks", "check_model", "raise_if_any_failed", "scoring_mode"]
+__all__ = ["RankFailedError", "caller_ranks", "check_model", "on_every_rank", "raise_if_any_failed", "score_model",
+           "scoring_mode"]
