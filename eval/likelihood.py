@@ -448,8 +448,9 @@ class LikelihoodEvaluator:
         mimi: the codec of the models to score.
         config: the task, its data and the scoring options.
         ranks: the ranks to share the batches over (default: the caller's process group, if any).
-        encode: encode every batch now (default); False: each batch when first scored (a single call that may
-            find most batches finished in its `store`, as a resumed CLI run).
+        encode: encode every batch now and keep the codes in memory (default); False: each batch when it is
+            scored, kept only while it is (a single call: memory flat in the number of files, and the batches
+            finished in its `store`, as in a resumed CLI run, never encoded).
     Raises:
         LikelihoodConfigError: a bad config field; DataError: the data is not the layout the task needs;
         AudioReadError with `config.strict`; RankFailedError: another rank failed.
@@ -474,6 +475,7 @@ class LikelihoodEvaluator:
         self._mine = [i for i, owner in enumerate(owners) if owner == self.ranks.rank]
         self.cache = CodeCache(config.cache_dir, codec_identity(mimi)) if config.cache_dir is not None else None
         self._encoded: dict[int, _Encoded] = {}
+        self._keep = encode
         self._silence: torch.Tensor | None = None
         self.encode_seconds = 0.0
         if config.user_stream == "silence":
@@ -482,7 +484,7 @@ class LikelihoodEvaluator:
             on_every_rank(self.ranks, "encoding the files", lambda: [self._encode(index) for index in self._mine])
 
     def _encode(self, index: int) -> _Encoded:
-        """Batch `index` read and encoded (memory, then the code cache, then Mimi), once."""
+        """Batch `index` read and encoded (from memory, else the code cache, else Mimi)."""
         done = self._encoded.get(index)
         if done is not None:
             return done
@@ -505,7 +507,9 @@ class LikelihoodEvaluator:
             keys.append(k)
         seconds = time.perf_counter() - t0
         self.encode_seconds += seconds
-        done = self._encoded[index] = _Encoded(codes, keys, skipped, seconds)
+        done = _Encoded(codes, keys, skipped, seconds)
+        if self._keep:
+            self._encoded[index] = done
         return done
 
     def __call__(self, lm_model: tp.Any, store: ItemStore | None = None) -> LikelihoodResult:

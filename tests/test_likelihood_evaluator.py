@@ -90,6 +90,15 @@ def test_files_are_encoded_once_across_calls(world, monkeypatch):
     assert {k: s.log_likelihood for k, s in fresh.scores.items()} == \
         {k: s.log_likelihood for k, s in second.scores.items()}
     assert fresh.metrics == second.metrics
+    # The one-shot path (evaluate_likelihood, the CLI): each file encoded once, while its batch is scored, and
+    # no codes kept after it (memory flat in the number of files).
+    calls.clear()
+    lazy = LikelihoodEvaluator(mimi, _config(world), encode=False)
+    assert not calls
+    lazy_result = lazy(lm)
+    assert len(calls) == files and lazy._encoded == {}
+    assert {k: s.log_likelihood for k, s in lazy_result.scores.items()} == \
+        {k: s.log_likelihood for k, s in second.scores.items()}
 
 
 def _state(lm):
