@@ -1,7 +1,7 @@
 """Files/s of `moshi-eval likelihood` scoring against a batched `LMModel.forward` on the same files, in one run.
 
 The in-house way scores each batch of files with one `LMModel.forward` (no streaming state). `moshi-eval
-likelihood` streams each batch through `step_with_logits` in chunks (`score_sequences`, as `score_files` does).
+likelihood` streams each batch through `step_with_logits` in chunks (`score_sequences`, as `LikelihoodEvaluator` does).
 Both get the same files: random codes of 1 to 5 s (13 to 63 frames at 12.5 Hz; Mimi encoding is cached by the
 CLI and left out here), batched by length longest first, zero user stream; text `pad` or `zero` forced in both,
 `predicted` (the model's argmax: no forward equivalent, its speed only). Printed: files/s, the ratio to forward,
@@ -56,7 +56,7 @@ def time_scoring(lm_model, codes, groups, text: str, chunk: int, sized: bool = T
     sync(lm_model.device)
     start = time.perf_counter()
     for group in groups:
-        # As `moshi-eval likelihood` (score_files): the temporal KV caches sized to the batch unless --full-kv.
+        # As `moshi-eval likelihood` (LikelihoodEvaluator): the temporal KV caches sized to the batch unless --full-kv.
         steps = max(codes[i].shape[-1] for i in group) + lm_gen.max_delay
         with kv_sized_to(lm_model, steps if sized else 10**9):
             for s in score_sequences(lm_gen, [codes[i] for i in group], user_stream="zero", text=text,

@@ -34,6 +34,7 @@ from .data import AudioReadError, Book, DataError, book_seconds, discover_books,
 from .hashing import FileHasher
 from .likelihood import LikelihoodConfigError
 from .likelihood_compare import LikelihoodCompareError
+from .model_call import RankFailedError
 from .lock import OutputBusyError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
@@ -131,11 +132,12 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
 
 def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wandb", default=None, metavar="PROJECT[/RUN]",
-                        help="log the metrics and the curve to this Weights & Biases project (and run name) at "
-                             "the end (needs: pip install 'moshi-patch[wandb]'; WANDB_MODE=offline works)")
+                        help="log the metrics (librilight: and the curve) to this Weights & Biases project "
+                             "(and run name) at the end (needs: pip install 'moshi-patch[wandb]'; "
+                             "WANDB_MODE=offline works)")
     parser.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
-                        help="log the metrics and the curve plot to a TensorBoard event file in DIR at the end "
-                             "(needs: pip install 'moshi-patch[tensorboard]')")
+                        help="log the metrics (librilight: and the curve plot) to a TensorBoard event file in DIR at "
+                             "the end (needs: pip install 'moshi-patch[tensorboard]')")
     parser.add_argument("--log-step", type=_non_negative_int, default=None,
                         help="step of the logged values (default: NNNNNN of a --checkpoint-dir checkpoint_NNNNNN, "
                              "else 0)")
@@ -144,18 +146,29 @@ def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval_and_log(job: EvalJob, args: argparse.Namespace) -> int:
     """`run_eval`, then (rank 0, a finished run) the results to --wandb / --tensorboard. A missing logging
     package stops the command before anything is scored."""
+    _check_loggers(args)
+    code = run_eval(job)
+    if code == 0:
+        _log_run(job.out, args)
+    return code
+
+
+def _check_loggers(args: argparse.Namespace) -> None:
+    """A missing logging package or a bad --wandb value stops the command before anything is scored."""
     if args.wandb is not None:
         loggers.require("wandb", "--wandb")
         loggers.parse_wandb_target(args.wandb)
     if args.tensorboard is not None:
         loggers.require("tensorboard", "--tensorboard")
-    code = run_eval(job)
+
+
+def _log_run(out: Path, args: argparse.Namespace) -> None:
+    """A finished run's results to --wandb / --tensorboard, from rank 0 (which wrote them)."""
     logging = args.wandb is not None or args.tensorboard is not None
-    if code == 0 and logging and os.environ.get("RANK", "0") == "0":   # rank 0 wrote the results
+    if logging and os.environ.get("RANK", "0") == "0":
         step = args.log_step if args.log_step is not None else loggers.checkpoint_step(
             getattr(args, "checkpoint_dir", None))
-        loggers.log_run(job.out, args.wandb, args.tensorboard, step)
-    return code
+        loggers.log_run(out, args.wandb, args.tensorboard, step)
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -250,6 +263,7 @@ def _add_likelihood_parser(subparsers: tp.Any) -> None:
     p.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED, help="seed of the bootstrap resamples")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N pairs only: a smoke run")
     p.add_argument("--strict", action="store_true", help="fail on any skipped file or pair instead of listing it")
+    _add_logging_arguments(p)
     p.set_defaults(func=run_likelihood)
 
 
@@ -266,6 +280,7 @@ def run_likelihood(args: argparse.Namespace) -> int:
         user_stream=args.user_stream, batch_size=args.batch_size, chunk=args.chunk, limit=args.limit,
         strict=args.strict, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
         progress=not args.no_progress, cache_dir=None if run.no_cache else run.cache_dir)
+    _check_loggers(args)
     hasher = _hasher(run)
     resolved = resolve_checkpoint(source, hasher)
     threads = torch.get_num_threads()
@@ -276,6 +291,7 @@ def run_likelihood(args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         likelihood_run(config, args.out, resolved.load, resolved.identity, command_line(args.argv), hasher)
+        _log_run(args.out, args)
     except KeyboardInterrupt:
         print(f"\nmoshi-eval: interrupted. Finished batches are kept in {args.out / 'items'}. Resume with the same "
               f"command:\n  {command_line(args.argv)}", file=sys.stderr)
@@ -453,7 +469,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
         return args.func(args)
     except (DataError, CheckpointError, ConfigError, loggers.LoggerError, report.ReportError, UsageError,
             NonFiniteLossError, OutputBusyError, compare_module.CompareError, check_module.StreamingCheckError,
-            DistributedError, LikelihoodConfigError, LikelihoodCompareError) as exc:
+            DistributedError, LikelihoodConfigError, LikelihoodCompareError, RankFailedError) as exc:
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

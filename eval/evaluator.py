@@ -51,7 +51,9 @@ from .cli import default_cache_dir, select_librilight_books   # the CLI's cache 
 from .codes import CodeCache, codec_identity, silence_codes
 from .config import LibriLightConfig, RunConfig
 from .hashing import FileHasher
+from .likelihood import LikelihoodEvaluator, LikelihoodResult
 from .lock import OutputLock
+from .model_call import RankFailedError, caller_ranks, check_model, on_every_rank, score_model
 from .run import (SILENCE_FRAMES, EvalJob, _Book, _RankReport, _batches, _check_unique_ids, _chapter_identity,
                   _encode, _metrics, _write_results, chunk_summary, config_digest, scoring_config)
 from .scoring import score_sequences
@@ -186,16 +188,6 @@ class EvalResult:
         return out / report.RESULTS_JSON
 
 
-def caller_ranks() -> distributed.Ranks:
-    """The ranks of the caller's process group if one is initialised (never initialised here), else one."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return distributed.Ranks()
-    world = torch.distributed.get_world_size()
-    if world <= 1:
-        return distributed.Ranks()
-    return distributed.Ranks(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
 class LibriLightEvaluator:
     """The LibriLight long-context task, prepared once: books selected, read and encoded by `mimi`.
 
@@ -238,13 +230,9 @@ class LibriLightEvaluator:
         # `_encode` reads only `mimi` of the checkpoint; the codebook count is checked against the model at
         # each call (`check_codec_fits`).
         codec_only = LoadedCheckpoint(tp.cast(tp.Any, _CodecOnly(mimi.num_codebooks)), mimi, None)
-        error: Exception | None = None
-        try:
-            self._mine = _encode(mine, codec_only, self.cache, config, skipped, self.ranks, not progress)
-            self._silence = silence_codes(mimi, SILENCE_FRAMES) if config.user_stream == "silence" else None
-        except Exception as exc:    # every rank learns it (else the others would wait for this one forever)
-            error = exc
-        _raise_if_any_failed(self.ranks, error, "encoding the books")
+        self._mine = on_every_rank(self.ranks, "encoding the books", lambda: _encode(
+            mine, codec_only, self.cache, config, skipped, self.ranks, not progress))
+        self._silence = silence_codes(mimi, SILENCE_FRAMES) if config.user_stream == "silence" else None
         self.encode_seconds = time.perf_counter() - start
         # The batches as scored (books left out removed), every rank's: recorded with each book's file.
         mine_ids = [[b.sequence_id for b in batch] for batch in self._mine]
@@ -268,50 +256,12 @@ class LibriLightEvaluator:
             RankFailedError: under torch.distributed, another rank failed (its error is named): every rank
             raises, none waits forever.
         """
-        if not isinstance(lm_model, LMModel):
-            raise TypeError(f"lm_model: expected a moshi LMModel, got {type(lm_model).__name__} (for an FSDP or "
-                            "DDP wrapper, pass its .module, with FSDP inside FSDP.summon_full_params).")
-        if lm_model.is_streaming:
-            raise ValueError("lm_model is streaming (inside a `streaming()` context): the evaluator opens and "
-                             "closes its own streaming state; call it outside that context.")
+        check_model(lm_model)
         check_codec_fits(lm_model, self.mimi)
         config = self.config
-        modes = [(module, module.training) for module in lm_model.modules()]
         start = time.perf_counter()
         arrays: dict[str, dict[str, np.ndarray]] = {}
-        chunks: dict = {}
-        error: Exception | None = None
-        try:
-            lm_model.eval()
-            if config.verify_streaming and id(lm_model) not in self._verified:
-                # A streaming layer the project does not know: its chunked path is checked against one frame
-                # per call, once per model (training changes its weights, not how it streams).
-                with torch.no_grad():
-                    verify_streaming(lm_model, config.chunk, config.text)
-                self._verified.add(id(lm_model))
-            lm_gen = LMGen(lm_model, use_sampling=False)
-            silence = None
-            if self._silence is not None:
-                silence = self._silence[: lm_model.n_q - lm_model.dep_q]
-            total = sum(min(b.codes.shape[-1], config.max_frames or b.codes.shape[-1])
-                        for batch in self._mine for b in batch if b.codes is not None)
-            with torch.no_grad(), tqdm(total=total, unit="frame", desc=f"{self.ranks.tag}scoring",
-                                       disable=not self.progress or not self.ranks.is_main) as bar:
-                for batch in self._mine:     # As `run._score`, same arguments: the same numbers.
-                    results = score_sequences(
-                        lm_gen, [b.codes for b in batch], sequence_ids=[b.sequence_id for b in batch],
-                        user_stream=config.user_stream, text=config.text, silence=silence,
-                        max_frames=config.max_frames, progress=bar, chunk=config.chunk,
-                        first_codebook_weight=config.first_codebook_weight)
-                    for result in results:
-                        arrays[batch[result.index].sequence_id] = result.arrays()
-            chunks = chunk_summary(lm_gen)
-        except Exception as exc:    # every rank learns it (else the others would wait for this one forever)
-            error = exc
-        finally:
-            for module, training in modes:
-                module.training = training
-        _raise_if_any_failed(self.ranks, error, "scoring")
+        chunks = score_model(self.ranks, lm_model, lambda: self._score(lm_model, arrays))
         seconds = time.perf_counter() - start
         frames = sum(int(a["audio_ce"].shape[0]) for a in arrays.values())
         cache = None if self.cache is None else {"dir": str(self.cache.root), "hits": self.cache.hits,
@@ -329,28 +279,112 @@ class LibriLightEvaluator:
         return EvalResult(flat_metrics(summary), sequences, summary, list(self.skipped), seconds, self,
                           _ModelShape.of(lm_model), self._books, reports)
 
+    def _score(self, lm_model: LMModel, arrays: dict[str, dict[str, np.ndarray]]) -> dict:
+        """This rank's books through `lm_model` (in eval mode, without autograd) into `arrays`; returns the
+        chunk summary of results.json."""
+        config = self.config
+        if config.verify_streaming and id(lm_model) not in self._verified:
+            # A streaming layer the project does not know: its chunked path is checked against one frame
+            # per call, once per model (training changes its weights, not how it streams).
+            verify_streaming(lm_model, config.chunk, config.text)
+            self._verified.add(id(lm_model))
+        lm_gen = LMGen(lm_model, use_sampling=False)
+        silence = None
+        if self._silence is not None:
+            silence = self._silence[: lm_model.n_q - lm_model.dep_q]
+        total = sum(min(b.codes.shape[-1], config.max_frames or b.codes.shape[-1])
+                    for batch in self._mine for b in batch if b.codes is not None)
+        with tqdm(total=total, unit="frame", desc=f"{self.ranks.tag}scoring",
+                  disable=not self.progress or not self.ranks.is_main) as bar:
+            for batch in self._mine:     # As `run._score`, same arguments: the same numbers.
+                results = score_sequences(
+                    lm_gen, [b.codes for b in batch], sequence_ids=[b.sequence_id for b in batch],
+                    user_stream=config.user_stream, text=config.text, silence=silence,
+                    max_frames=config.max_frames, progress=bar, chunk=config.chunk,
+                    first_codebook_weight=config.first_codebook_weight)
+                for result in results:
+                    arrays[batch[result.index].sequence_id] = result.arrays()
+        return chunk_summary(lm_gen)
+
     def book_ids(self) -> list[str]:
         """The ids of the books scored (selection order)."""
         return [b.sequence_id for b in self._books if b.book in self.books]
 
 
-class RankFailedError(RuntimeError):
-    """Another rank of the caller's process group failed during a collective step of the evaluator."""
+Evaluator = tp.Union[LibriLightEvaluator, LikelihoodEvaluator]
+Result = tp.Union[EvalResult, LikelihoodResult]
 
 
-def _raise_if_any_failed(ranks: distributed.Ranks, error: Exception | None, what: str) -> None:
-    """Raise `error` on its rank and a RankFailedError naming it on the others (one process: `error`)."""
-    if not ranks.active:
-        if error is not None:
-            raise error
-        return
-    messages = ranks.gather(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
-    if failed:
-        rank, message = failed[0]
-        raise RankFailedError(f"{ranks.tag}rank {rank} failed while {what}: {message}")
+def task_name(evaluator: Evaluator) -> str:
+    """The metric prefix of an evaluator's results: `librilight`, or the likelihood task (`sblimp`, ...)."""
+    if isinstance(evaluator, LibriLightEvaluator):
+        return "librilight"
+    if isinstance(evaluator, LikelihoodEvaluator):
+        return evaluator.config.task
+    raise TypeError(f"evaluators: expected LibriLightEvaluator or LikelihoodEvaluator objects, got "
+                    f"{type(evaluator).__name__}.")
+
+
+@dataclass
+class EvalResults:
+    """One call of `Evaluators`: each task's result and their metrics merged.
+
+    Attributes:
+        results: `{name: EvalResult | LikelihoodResult}` in the evaluators' order.
+        metrics: every result's flat metrics under its name (`librilight/audio_ce@8000`, `sblimp/accuracy`, ...),
+            straight into `wandb.log` or `add_scalar`.
+        seconds: wall time of the call.
+    """
+    results: dict[str, Result]
+    metrics: dict[str, float]
+    seconds: float
+
+    def write(self, out_dir: str | Path) -> dict[str, tp.Any]:
+        """Each result's files (as its CLI command writes them) in `out_dir/<name>/`; returns their paths."""
+        return {name: result.write(Path(out_dir) / name) for name, result in self.results.items()}
+
+
+class Evaluators:
+    """Several evaluators called as one, for a training loop's numbers in one dict:
+
+        evaluate_all = Evaluators([LibriLightEvaluator(mimi, libri_config),
+                                   LikelihoodEvaluator(mimi, LikelihoodConfig("sblimp", zr_root))])
+        wandb.log(evaluate_all(lm_model).metrics, step=step)
+
+    Args:
+        evaluators: a sequence (each named by its task: `librilight`, `sblimp`, ...) or `{name: evaluator}`
+            (the name replaces the task as the metric prefix, e.g. two sWUGGY splits). Names must differ, so
+            metric names never collide.
+    Raises ValueError on two evaluators of one name. A call runs them in order on the model (each returns the
+    model as it was given) and raises the first error.
+    """
+
+    def __init__(self, evaluators: tp.Sequence[Evaluator] | tp.Mapping[str, Evaluator]) -> None:
+        pairs = list(evaluators.items()) if isinstance(evaluators, tp.Mapping) else \
+            [(task_name(e), e) for e in evaluators]
+        if not pairs:
+            raise ValueError("evaluators: expected at least one evaluator, got none.")
+        names = [name for name, _ in pairs]
+        for name, e in pairs:
+            task_name(e)     # the type check
+            if not isinstance(name, str) or not name or "/" in name:
+                raise ValueError(f"evaluators: expected names without '/', got {name!r}.")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"evaluators: two evaluators named {duplicates} (their metrics would collide); pass "
+                             "{name: evaluator} with distinct names.")
+        self.evaluators: dict[str, Evaluator] = dict(pairs)
+
+    def __call__(self, lm_model: LMModel) -> EvalResults:
+        start = time.perf_counter()
+        results: dict[str, Result] = {}
+        metrics: dict[str, float] = {}
+        for name, evaluator in self.evaluators.items():
+            result = results[name] = evaluator(lm_model)
+            prefix = task_name(evaluator)
+            for key, value in result.metrics.items():
+                metrics[name + key[len(prefix):]] = value    # every key starts with `prefix/`
+        return EvalResults(results, metrics, time.perf_counter() - start)
 
 
 @dataclass
@@ -359,4 +393,5 @@ class _CodecOnly:
     dep_q: int
 
 
-__all__ = ["EvalResult", "LibriLightEvaluator", "RankFailedError", "caller_ranks", "default_cache_dir", "flat_metrics"]
+__all__ = ["EvalResult", "EvalResults", "Evaluators", "LibriLightEvaluator", "RankFailedError", "caller_ranks",
+           "default_cache_dir", "flat_metrics", "task_name"]

@@ -49,6 +49,7 @@ from .codes import CodeCache, codec_identity, encode_audio, silence_codes
 from .data import AudioReadError, DataError, read_audio
 from .hashing import FileHasher
 from .lock import OutputLock
+from .model_call import caller_ranks, check_model, on_every_rank, score_model
 from .scoring import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS, score_sequences
 
 NORMALIZATIONS = ("sum", "mean")
@@ -414,126 +415,208 @@ def kv_sized_to(lm_model: tp.Any, steps: int) -> tp.Iterator[None]:
             module.context = context
 
 
-def _codes(mimi: tp.Any, path: Path, cache: CodeCache | None, num_codebooks: int) -> torch.Tensor:
-    codes = cache.get(path) if cache is not None else None
-    if codes is None:
-        codes = encode_audio(mimi, read_audio(path, mimi.sample_rate))
-        if cache is not None:
-            cache.put(path, codes)
-    return codes[:num_codebooks]
+@dataclass
+class _Encoded:
+    """One batch's files, read and encoded: the codes `[K, T]` of the files kept, and those left out."""
+    codes: list[torch.Tensor]
+    keys: list[str]
+    skipped: list[dict]
+    seconds: float
 
 
-def score_files(lm_gen: LMGen, mimi: tp.Any, data: BenchmarkData, config: LikelihoodConfig,
-                store: ItemStore | None = None, ranks: distributed.Ranks | None = None
-                ) -> tuple[dict[str, ItemScore], list[dict], dict]:
-    """Log-likelihood of every file of `data` (this rank's batches; every rank's under torchrun, gathered).
+class LikelihoodEvaluator:
+    """A likelihood benchmark prepared once: the files of `config.task` under `config.data` listed, paired,
+    batched by length and encoded by `mimi` (codes kept in memory; `config.cache_dir` the on-disk code cache),
+    then scored by every call with a model, as often as wanted:
 
-    Returns (scores by file key, files skipped with the reason, runtime counts)."""
-    ranks = ranks or distributed.Ranks()
-    lm_model = lm_gen.lm_model
-    K = lm_model.dep_q
-    batches, estimates = _batches(data, config.batch_size)
-    owners = distributed.assign([max(estimates[k] for k in b) * len(b) for b in batches], ranks.world)
-    silence = None
-    if config.user_stream == "silence":
-        silence = silence_codes(mimi, SILENCE_FRAMES)[: lm_model.n_q - K]
-    cache = CodeCache(config.cache_dir, codec_identity(mimi)) if config.cache_dir is not None else None
-    scores: dict[str, ItemScore] = {}
-    skipped: list[dict] = []
-    counts = {"files_scored_this_run": 0, "files_resumed": 0, "frames": 0, "encode_seconds": 0.0,
-              "score_seconds": 0.0}
-    mine = [(i, b) for i, (b, owner) in enumerate(zip(batches, owners)) if owner == ranks.rank]
-    with tqdm(total=sum(len(b) for _, b in mine), unit="file", desc=f"{ranks.tag}{config.task}",
-              disable=not config.progress or not ranks.is_main, dynamic_ncols=True) as bar:
-        for index, keys in mine:
-            identities = store.identities(keys, data) if store is not None else []
-            done = store.load(index, identities) if store is not None else None
-            if done is not None:
-                for s in done[0]:
-                    scores[s.file] = s
-                skipped.extend(done[1])
-                counts["files_resumed"] += len(keys)
-                bar.update(len(keys))
+        evaluator = LikelihoodEvaluator(mimi, LikelihoodConfig("sblimp", data="zr2021"))
+        result = evaluator(lm_model)          # LikelihoodResult
+        wandb.log(result.metrics, step=step)  # sblimp/accuracy, sblimp/accuracy/low, /high, ...
+        result.write("runs/step_1000/sblimp") # results.json, items.csv, pairs.csv, submission/ as the CLI
+
+    `moshi-eval likelihood` and `evaluate_likelihood` score through it: for the same model and config the
+    numbers are bitwise theirs. The model comes back as given (training flags restored, no autograd,
+    `requires_grad`, device and dtype untouched; the temporal KV context of `kv_sized_to` restored, also on an
+    exception).
+
+    Under torch.distributed (the caller's process group, never initialised or destroyed here; or `ranks`),
+    build it and call it on every rank: each rank encodes and scores its share of the batches, every rank
+    returns the same result, equal to one process's, and an error on one rank is raised on every rank
+    (RankFailedError on the others) instead of a hang.
+
+    Args:
+        mimi: the codec of the models to score.
+        config: the task, its data and the scoring options.
+        ranks: the ranks to share the batches over (default: the caller's process group, if any).
+        encode: encode every batch now and keep the codes in memory (default); False: each batch when it is
+            scored, kept only while it is (a single call: memory flat in the number of files, and the batches
+            finished in its `store`, as in a resumed CLI run, never encoded).
+    Raises:
+        LikelihoodConfigError: a bad config field; DataError: the data is not the layout the task needs;
+        AudioReadError with `config.strict`; RankFailedError: another rank failed.
+    """
+
+    def __init__(self, mimi: tp.Any, config: LikelihoodConfig, ranks: distributed.Ranks | None = None,
+                 encode: bool = True) -> None:
+        if not isinstance(config, LikelihoodConfig):
+            raise TypeError(f"config: expected a moshi_eval.LikelihoodConfig, got {type(config).__name__}.")
+        config.check()
+        self.config = config
+        self.mimi = mimi
+        self.ranks = ranks if ranks is not None else caller_ranks()
+        data = load_benchmark(config.task, config.data, config.split, config.parts, config.strict)
+        if config.limit is not None:
+            data = data.limit(config.limit)
+        self.data = data
+        # Fixed by the file headers alone: a resumed or multi-process run scores each file in the same batch.
+        self.batches, estimates = _batches(data, config.batch_size)
+        owners = distributed.assign([max(estimates[k] for k in b) * len(b) for b in self.batches],
+                                    self.ranks.world)
+        self._mine = [i for i, owner in enumerate(owners) if owner == self.ranks.rank]
+        self.cache = CodeCache(config.cache_dir, codec_identity(mimi)) if config.cache_dir is not None else None
+        self._encoded: dict[int, _Encoded] = {}
+        self._keep = encode
+        self._silence: torch.Tensor | None = None
+        self.encode_seconds = 0.0
+        if config.user_stream == "silence":
+            self._silence = silence_codes(mimi, SILENCE_FRAMES)
+        if encode:
+            on_every_rank(self.ranks, "encoding the files", lambda: [self._encode(index) for index in self._mine])
+
+    def _encode(self, index: int) -> _Encoded:
+        """Batch `index` read and encoded (from memory, else the code cache, else Mimi)."""
+        done = self._encoded.get(index)
+        if done is not None:
+            return done
+        t0 = time.perf_counter()
+        codes, keys, skipped = [], [], []
+        for k in self.batches[index]:
+            path = self.data.files[k]
+            try:
+                c = self.cache.get(path) if self.cache is not None else None
+                if c is None:
+                    c = encode_audio(self.mimi, read_audio(path, self.mimi.sample_rate))
+                    if self.cache is not None:
+                        self.cache.put(path, c)
+            except AudioReadError as exc:
+                if self.config.strict:
+                    raise
+                skipped.append({"file": k, "reason": f"unreadable audio: {exc.reason}"})
                 continue
-            t0 = time.perf_counter()
-            codes, ok_keys, batch_skipped = [], [], []
-            for k in keys:
-                try:
-                    codes.append(_codes(mimi, data.files[k], cache, K))
-                    ok_keys.append(k)
-                except AudioReadError as exc:
-                    if config.strict:
-                        raise
-                    batch_skipped.append({"file": k, "reason": f"unreadable audio: {exc.reason}"})
-            t1 = time.perf_counter()
-            batch_scores = []
-            steps = max((int(c.shape[-1]) for c in codes), default=0) + lm_gen.max_delay
-            if codes:
-                with kv_sized_to(lm_model, steps):
-                    results = list(score_sequences(lm_gen, codes, sequence_ids=ok_keys, text=config.text,
-                                                   user_stream=config.user_stream, silence=silence,
-                                                   progress=False, chunk=config.chunk))
-                for result in results:
-                    ce = result.codebook_ce.astype(np.float64)
-                    batch_scores.append(ItemScore(result.sequence_id, int(ce.shape[1]), int(ce.size),
-                                                  float(-ce.sum())))
-                    bar.update(1)
-            bar.update(len(batch_skipped))
-            counts["encode_seconds"] += t1 - t0
-            counts["score_seconds"] += time.perf_counter() - t1
-            counts["files_scored_this_run"] += len(batch_scores)
-            counts["frames"] += sum(s.frames for s in batch_scores)
-            if store is not None:
-                store.save(index, identities, batch_scores, batch_skipped,
-                           {"batch": index, "device": str(lm_model.device)})
-            for s in batch_scores:
-                scores[s.file] = s
-            skipped.extend(batch_skipped)
-    gathered = ranks.gather((scores, skipped, counts))
-    all_scores: dict[str, ItemScore] = {}
-    all_skipped: list[dict] = []
-    total = {k: 0.0 for k in counts}
-    for s, sk, c in gathered:
-        all_scores.update(s)
-        all_skipped.extend(sk)
-        for k in total:
-            total[k] = max(total[k], c[k]) if k.endswith("seconds") else total[k] + c[k]
-    total["processes"] = ranks.world
-    total["cache"] = None if cache is None else {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
-    return all_scores, all_skipped, total
+            codes.append(c)
+            keys.append(k)
+        seconds = time.perf_counter() - t0
+        self.encode_seconds += seconds
+        done = _Encoded(codes, keys, skipped, seconds)
+        if self._keep:
+            self._encoded[index] = done
+        return done
+
+    def __call__(self, lm_model: tp.Any, store: ItemStore | None = None) -> LikelihoodResult:
+        """Score the files with `lm_model` (a moshi LMModel whose audio stream takes `mimi`'s codes) and
+        aggregate. `store`: finished batches kept across runs (resume), or None.
+
+        Raises:
+            TypeError / ValueError: not an LMModel / streaming already; NonFiniteLossError: a NaN/inf loss;
+            DataError: nothing could be scored; RankFailedError: another rank failed (named).
+        """
+        check_model(lm_model)
+        start = time.perf_counter()
+        gathered = self.ranks.gather(score_model(self.ranks, lm_model, lambda: self._score(lm_model, store)))
+        scores: dict[str, ItemScore] = {}
+        skipped_files: list[dict] = []
+        runtime = {k: 0.0 for k in gathered[0][2]}
+        for s, sk, c in gathered:
+            scores.update(s)
+            skipped_files.extend(sk)
+            for k in runtime:
+                runtime[k] = max(runtime[k], c[k]) if k.endswith("seconds") else runtime[k] + c[k]
+        runtime["processes"] = self.ranks.world
+        cache = self.cache
+        runtime["cache"] = None if cache is None else {"dir": str(cache.root), "hits": cache.hits,
+                                                       "misses": cache.misses}
+        data = self.data
+        if not scores:
+            reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped_files[:5])
+            raise DataError(f"no file of {data.root} could be scored ({reasons}).")
+        config = self.config
+        accuracies, left = aggregate(data, scores, config.bootstrap, config.bootstrap_seed)
+        frames, seconds = runtime["frames"], runtime["score_seconds"]
+        runtime.update(files_per_s=runtime["files_scored_this_run"] / seconds if seconds else None,
+                       frames_per_s=frames / seconds if seconds else None, device=str(lm_model.device),
+                       total_seconds=time.perf_counter() - start)
+        out = LikelihoodResult(config, data, scores, accuracies, data.skipped + skipped_files + left, runtime)
+        out.metrics = flat_metrics(config.task, accuracies) if data.has_gold else {}
+        return out
+
+    def _score(self, lm_model: tp.Any, store: ItemStore | None) -> tuple[dict[str, ItemScore], list[dict], dict]:
+        """This rank's batches: (scores by file key, files skipped with the reason, runtime counts)."""
+        config, data = self.config, self.data
+        lm_gen = LMGen(lm_model, use_sampling=False)
+        K = lm_model.dep_q
+        silence = None if self._silence is None else self._silence[: lm_model.n_q - K]
+        scores: dict[str, ItemScore] = {}
+        skipped: list[dict] = []
+        counts = {"files_scored_this_run": 0, "files_resumed": 0, "frames": 0, "encode_seconds": 0.0,
+                  "score_seconds": 0.0}
+        with tqdm(total=sum(len(self.batches[i]) for i in self._mine), unit="file",
+                  desc=f"{self.ranks.tag}{config.task}", disable=not config.progress or not self.ranks.is_main,
+                  dynamic_ncols=True) as bar:
+            for index in self._mine:
+                keys = self.batches[index]
+                identities = store.identities(keys, data) if store is not None else []
+                done = store.load(index, identities) if store is not None else None
+                if done is not None:
+                    for s in done[0]:
+                        scores[s.file] = s
+                    skipped.extend(done[1])
+                    counts["files_resumed"] += len(keys)
+                    bar.update(len(keys))
+                    continue
+                encoded = self._encode(index)
+                t1 = time.perf_counter()
+                codes = [c[:K] for c in encoded.codes]
+                batch_scores = []
+                steps = max((int(c.shape[-1]) for c in codes), default=0) + lm_gen.max_delay
+                if codes:
+                    with kv_sized_to(lm_model, steps):
+                        results = list(score_sequences(lm_gen, codes, sequence_ids=encoded.keys, text=config.text,
+                                                       user_stream=config.user_stream, silence=silence,
+                                                       progress=False, chunk=config.chunk))
+                    for result in results:
+                        ce = result.codebook_ce.astype(np.float64)
+                        batch_scores.append(ItemScore(result.sequence_id, int(ce.shape[1]), int(ce.size),
+                                                      float(-ce.sum())))
+                        bar.update(1)
+                bar.update(len(encoded.skipped))
+                counts["encode_seconds"] += encoded.seconds
+                counts["score_seconds"] += time.perf_counter() - t1
+                counts["files_scored_this_run"] += len(batch_scores)
+                counts["frames"] += sum(s.frames for s in batch_scores)
+                if store is not None:
+                    store.save(index, identities, batch_scores, encoded.skipped,
+                               {"batch": index, "device": str(lm_model.device)})
+                for s in batch_scores:
+                    scores[s.file] = s
+                skipped.extend(encoded.skipped)
+        return scores, skipped, counts
 
 
 def evaluate_likelihood(lm_model: tp.Any, mimi: tp.Any, config: LikelihoodConfig,
                         store: ItemStore | None = None, ranks: distributed.Ranks | None = None) -> LikelihoodResult:
-    """Score the files of `config.task` under `config.data` with the streaming `lm_model` and aggregate.
+    """Score the files of `config.task` under `config.data` with the streaming `lm_model` and aggregate: one
+    call of a `LikelihoodEvaluator` (batches encoded as they are scored; finished ones of `store` not at all).
 
     Args:
-        lm_model: a moshi `LMModel` (eval mode) whose audio stream takes `mimi`'s codes.
-        mimi: the Mimi codec (`num_codebooks == lm_model.dep_q`).
+        lm_model: a moshi `LMModel` whose audio stream takes `mimi`'s codes.
+        mimi: the Mimi codec (`num_codebooks >= lm_model.dep_q`).
         store: finished batches kept across runs (resume), or None.
-        ranks: torchrun ranks (the caller's process group is used, never created or destroyed here).
+        ranks: torchrun ranks (default: the caller's process group if any; never created or destroyed here).
     Raises:
         DataError: the data is not the layout the task needs, or nothing could be scored; names the file.
-        LikelihoodConfigError: a bad config field.
+        LikelihoodConfigError: a bad config field. RankFailedError: another rank failed.
     """
-    config.check()
-    start = time.perf_counter()
-    data = load_benchmark(config.task, config.data, config.split, config.parts, config.strict)
-    if config.limit is not None:
-        data = data.limit(config.limit)
-    lm_gen = LMGen(lm_model, use_sampling=False)
-    scores, skipped_files, runtime = score_files(lm_gen, mimi, data, config, store, ranks)
-    if not scores:
-        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped_files[:5])
-        raise DataError(f"no file of {data.root} could be scored ({reasons}).")
-    accuracies, left = aggregate(data, scores, config.bootstrap, config.bootstrap_seed)
-    frames, seconds = runtime["frames"], runtime["score_seconds"]
-    runtime.update(files_per_s=runtime["files_scored_this_run"] / seconds if seconds else None,
-                   frames_per_s=frames / seconds if seconds else None, device=str(lm_model.device),
-                   total_seconds=time.perf_counter() - start)
-    result = LikelihoodResult(config, data, scores, accuracies, data.skipped + skipped_files + left, runtime)
-    result.metrics = flat_metrics(config.task, accuracies) if data.has_gold else {}
-    return result
+    return LikelihoodEvaluator(mimi, config, ranks, encode=False)(lm_model, store)
 
 
 # --- the run behind `moshi-eval likelihood`: lock, configuration identity, resume ----------------------------
@@ -618,6 +701,6 @@ def _print_summary(result: LikelihoodResult, out: Path) -> None:
     print("\n".join(lines) + f"\nresults in {out / RESULTS_JSON}", file=sys.stderr)
 
 
-__all__ = ["ItemScore", "ItemStore", "LikelihoodConfig", "LikelihoodConfigError", "LikelihoodResult",
-           "NORMALIZATIONS", "aggregate", "evaluate_likelihood", "flat_metrics", "frequency_band", "pair_score",
-           "run_likelihood", "score_files"]
+__all__ = ["ItemScore", "ItemStore", "LikelihoodConfig", "LikelihoodConfigError", "LikelihoodEvaluator",
+           "LikelihoodResult", "NORMALIZATIONS", "aggregate", "evaluate_likelihood", "flat_metrics", "frequency_band",
+           "pair_score", "run_likelihood"]

@@ -1,6 +1,7 @@
 """Metrics and the loss curve to Weights & Biases or TensorBoard, from the API or the command line.
 
-From a training loop (`result` an `EvalResult` of `LibriLightEvaluator`):
+From a training loop (`result` an `EvalResult` of `LibriLightEvaluator`, a `LikelihoodResult` of
+`LikelihoodEvaluator`, or an `EvalResults` of `Evaluators`, all of them in one dict):
 
     moshi_eval.loggers.log_wandb(result, step=step)              # into the active wandb run (wandb.init first)
     moshi_eval.loggers.log_tensorboard(writer, result, step=step)  # a torch.utils.tensorboard.SummaryWriter
@@ -11,7 +12,8 @@ or, without these helpers, `wandb.log(result.metrics, step=step)` /
 Logged: every metric of `result.metrics` under its name (`librilight/audio_ce@8000`, ...), and the curve:
 to W&B a table `librilight/curve` (bucket centre in frames and minutes, bucket mean of audio_ce, books reaching
 it) and the curve plot `librilight/curve_plot`; to TensorBoard the curve plot as the image `librilight/curve`.
-The command line logs the same with `--wandb PROJECT[/RUN]` and `--tensorboard DIR`.
+Likelihood results log their metrics only (`sblimp/accuracy`, ...). The command line logs the same with
+`--wandb PROJECT[/RUN]` and `--tensorboard DIR` (`moshi-eval librilight` and `moshi-eval likelihood`).
 
 wandb and tensorboard are optional: `pip install 'moshi-patch[wandb]'` / `pip install 'moshi-patch[tensorboard]'`.
 """
@@ -72,35 +74,60 @@ def _image(png: bytes) -> np.ndarray:
     return (np.asarray(image)[..., :3] * 255).round().astype(np.uint8)
 
 
-def wandb_payload(wandb: tp.Any, metrics: dict[str, float], rows: list[list[float]], png: bytes | None) -> dict:
+def _parts(result: tp.Any) -> list[tuple[str, tp.Any]]:
+    """The results inside `result` as (metric prefix, result): an `EvalResults` holds several."""
+    inner = getattr(result, "results", None)
+    if isinstance(inner, dict):
+        return list(inner.items())
+    task = getattr(getattr(result, "config", None), "task", None)   # a LikelihoodResult
+    return [(task or "librilight", result)]
+
+
+def _curves(result: tp.Any, curve: bool) -> list[tuple[str, list[list[float]], bytes]]:
+    """(prefix, curve rows, curve plot) of each LibriLight result inside `result` (likelihood results have none)."""
+    if not curve:
+        return []
+    return [(prefix, curve_rows(r.summary, float(r._evaluator.mimi.frame_rate)), _png(r))
+            for prefix, r in _parts(result) if hasattr(r, "_evaluator")]
+
+
+def wandb_payload(wandb: tp.Any, metrics: dict[str, float], rows: list[list[float]], png: bytes | None,
+                  prefix: str = "librilight") -> dict:
     payload: dict[str, tp.Any] = dict(metrics)
     if rows:
-        payload["librilight/curve"] = wandb.Table(columns=["frame", "minutes", "audio_ce", "books"], data=rows)
+        payload[f"{prefix}/curve"] = wandb.Table(columns=["frame", "minutes", "audio_ce", "books"], data=rows)
     if png is not None:
-        payload["librilight/curve_plot"] = wandb.Image(_image(png))
+        payload[f"{prefix}/curve_plot"] = wandb.Image(_image(png))
     return payload
 
 
 def log_wandb(result: tp.Any, step: int | None = None, run: tp.Any = None, curve: bool = True) -> None:
-    """Log an `EvalResult`'s metrics (and, with `curve`, its curve table and plot) to `run`, by default the
-    active run of `wandb.init`. Raises LoggerError if wandb is not installed."""
+    """Log a result's metrics to `run`, by default the active run of `wandb.init`. `result`: an `EvalResult`
+    (with `curve`, also its curve table and plot), a `LikelihoodResult` (metrics) or an `EvalResults` of
+    `Evaluators` (all its metrics, and each LibriLight curve). Raises LoggerError if wandb is not installed."""
     wandb = require("wandb", "log_wandb")
-    rows = curve_rows(result.summary, float(result._evaluator.mimi.frame_rate)) if curve else []
-    payload = wandb_payload(wandb, result.metrics, rows, _png(result) if curve else None)
+    payload = dict(result.metrics)
+    for prefix, rows, png in _curves(result, curve):
+        payload.update(wandb_payload(wandb, {}, rows, png, prefix))
     (run if run is not None else wandb).log(payload, step=step)
 
 
 def log_tensorboard(writer: tp.Any, result: tp.Any, step: int = 0, curve: bool = True) -> None:
-    """`writer.add_scalar(name, value, step)` for each metric of an `EvalResult`, and (with `curve`) its curve
-    plot as the image `librilight/curve`. `writer`: a `torch.utils.tensorboard.SummaryWriter`."""
-    tensorboard_scalars(writer, result.metrics, _png(result) if curve else None, step)
+    """`writer.add_scalar(name, value, step)` for each metric of `result` (an `EvalResult`, a `LikelihoodResult`
+    or an `EvalResults`), and (with `curve`) each LibriLight curve plot as the image `<prefix>/curve`.
+    `writer`: a `torch.utils.tensorboard.SummaryWriter`."""
+    curves = _curves(result, curve)
+    tensorboard_scalars(writer, result.metrics, None, step)
+    for prefix, _, png in curves:
+        tensorboard_scalars(writer, {}, png, step, prefix)
 
 
-def tensorboard_scalars(writer: tp.Any, metrics: dict[str, float], png: bytes | None, step: int) -> None:
+def tensorboard_scalars(writer: tp.Any, metrics: dict[str, float], png: bytes | None, step: int,
+                        prefix: str = "librilight") -> None:
     for name, value in metrics.items():
         writer.add_scalar(name, value, step)
     if png is not None:
-        writer.add_image("librilight/curve", _image(png), step, dataformats="HWC")
+        writer.add_image(f"{prefix}/curve", _image(png), step, dataformats="HWC")
     writer.flush()
 
 
@@ -126,21 +153,23 @@ def checkpoint_step(checkpoint_dir: str | Path | None) -> int:
 
 def log_run(out_dir: str | Path, wandb_target: str | None = None, tensorboard_dir: str | Path | None = None,
             step: int = 0) -> None:
-    """Log a finished run folder (`moshi-eval librilight --out`): the metrics of its results.json (flat, as
-    `EvalResult.metrics`), its curve (table, plot from curve.png). Used by `--wandb` and `--tensorboard`."""
+    """Log a finished run folder (`moshi-eval librilight --out`: the metrics of its results.json, flat as
+    `EvalResult.metrics`, and its curve, table and plot from curve.png; `moshi-eval likelihood --out`: its flat
+    metrics, as `LikelihoodResult.metrics`). Used by `--wandb` and `--tensorboard`."""
     from .evaluator import flat_metrics
     out = Path(out_dir)
     results = json.loads((out / report.RESULTS_JSON).read_text())
-    metrics = flat_metrics(results["metrics"])
+    likelihood = "task" in results      # a likelihood run: its metrics are flat already, no curve
+    metrics = dict(results["metrics"]) if likelihood else flat_metrics(results["metrics"])
     png_path = out / report.CURVE_PNG
-    png = png_path.read_bytes() if png_path.is_file() else None
+    png = png_path.read_bytes() if png_path.is_file() and not likelihood else None
+    rows = [] if likelihood else curve_rows(results["metrics"], results["codec"]["frame_rate"])
     if wandb_target is not None:
         wandb = require("wandb", "--wandb")
         project, name = parse_wandb_target(wandb_target)
         run = wandb.init(project=project, name=name, config=results["config"])
         try:
-            run.log(wandb_payload(wandb, metrics, curve_rows(results["metrics"], results["codec"]["frame_rate"]),
-                                  png), step=step)
+            run.log(wandb_payload(wandb, metrics, rows, png), step=step)
             run.summary.update(metrics)
         finally:
             run.finish()

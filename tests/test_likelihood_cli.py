@@ -16,7 +16,7 @@ from checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
 from moshi_eval.cli import main
 from moshi_eval.likelihood import LikelihoodConfig, evaluate_likelihood
 from moshi_eval.lock import OutputLock
-from test_likelihood import make_salmon, make_zerospeech
+from test_likelihood import make_salmon, make_storycloze, make_zerospeech
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 
@@ -125,6 +125,26 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     assert _items(two) == _items(one)
     assert _results(two)["metrics"] == _results(one)["metrics"]
     assert _results(two)["runtime"]["processes"] == 2
+
+
+@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed")
+def test_torchrun_strict_error_on_one_rank_is_raised_on_both(world, tmp_path):
+    """--strict with one unreadable file, batches of one file, 2 processes: the rank that owns it fails naming
+    the file, the other with the RankFailedError that names it (not a gloo 'connection closed' traceback or a
+    hang); both print a moshi-eval error and nothing is written."""
+    data = make_storycloze(tmp_path / "sc", stories=3)
+    (data / "1_uuid1ab_incorrect.wav").write_bytes(b"RIFF not really a wav")
+    out = tmp_path / "run"
+    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "moshi_eval",
+                           *_argv(world, out, "--strict", "--batch-size", "1", task="sstorycloze", data=data)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moshi-eval: error:")]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    assert all("1_uuid1ab_incorrect.wav" in line for line in errors)
+    assert sum("failed while scoring" in line for line in errors) == 1
+    assert not (out / "results.json").exists()
 
 
 def test_salmon_cli_parts(world, tmp_path):

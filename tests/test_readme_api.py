@@ -33,10 +33,14 @@ def test_training_loop_example_logs_the_demo_numbers(tmp_path, monkeypatch):
     assert [step for _, step in logged] == [0, 2]
     assert main(["demo", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
     demo = flat_metrics(json.loads((tmp_path / "cli" / "results.json").read_text())["metrics"])
-    assert logged[0][0] == demo                       # bit for bit
+    demo_likelihood = json.loads((tmp_path / "cli" / "likelihood" / "results.json").read_text())["metrics"]
+    assert "sstorycloze/accuracy" in demo_likelihood and set(demo).isdisjoint(demo_likelihood)
+    assert logged[0][0] == {**demo, **demo_likelihood}                # bit for bit, both tasks
     assert logged[1][0]["librilight/audio_ce"] != demo["librilight/audio_ce"]     # trained in between
-    written = json.loads((tmp_path / "demo_api_out" / "results.json").read_text())
-    assert flat_metrics(written["metrics"]) == logged[1][0]
+    written = json.loads((tmp_path / "demo_api_out" / "librilight" / "results.json").read_text())
+    assert flat_metrics(written["metrics"]) == {k: v for k, v in logged[1][0].items() if k.startswith("librilight/")}
+    written = json.loads((tmp_path / "demo_api_out" / "sstorycloze" / "results.json").read_text())
+    assert written["metrics"] == {k: v for k, v in logged[1][0].items() if k.startswith("sstorycloze/")}
 
 
 def test_chunked_call_example_gives_forward_logits():
