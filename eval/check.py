@@ -18,7 +18,7 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.utils.compile import no_compile
 
-from moshi_patch import LMGen
+from moshi_patch import LMGen, teacher_force
 from moshi_patch.chunking import MultiFrameStreamingError
 from moshi_patch.ttt import add_ttt_layers
 
@@ -103,33 +103,15 @@ def random_codes(lm_model: LMModel, batch_size: int, frames: int, seed: int) -> 
 def teacher_forced_logits(lm_model: LMModel, codes: torch.Tensor, chunk: int = 1
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stream `codes [B, 1 + n_q, T]` through `LMGen.step_with_logits`, `chunk` frames per call, teacher
-    forcing the model's own streams, and return the logits in the layout of `LMModel.forward`: text
-    `[B, 1, T, text_card]` and audio `[B, dep_q, T, card]` (None if dep_q == 0), in the model dtype."""
-    B, _, T = codes.shape
+    forcing the model's own streams (`moshi_patch.teacher_force`), and return the logits in the layout of
+    `LMModel.forward`: text `[B, 1, T, text_card]` and audio `[B, dep_q, T, card]` (None if dep_q == 0), in
+    the model dtype."""
     dep_q = lm_model.dep_q
-    lm_gen = LMGen(lm_model, use_sampling=False)
-    user = codes[:, dep_q + 1:]
-    text_logits, audio_logits = [], []
-    with lm_gen.streaming(B):
-        step = 0
-        while step < T + lm_gen.max_delay:
-            n = min(chunk, T + lm_gen.max_delay - step)
-            # Frames past the end only feed the flush of the delays: "no input" there.
-            forced = torch.full((B, 1 + dep_q, n), lm_model.zero_token_id, dtype=torch.long, device=codes.device)
-            known = codes[:, :1 + dep_q, step:step + n]
-            forced[:, :, :known.shape[-1]] = known
-            # User frame s - 1 at step s (DESIGN.md section 2).
-            columns = (torch.arange(step, step + n, device=codes.device) - 1).clamp(0, T - 1)
-            out = lm_gen.step_with_logits(user[:, :, columns], forced)
-            step += n
-            if out is None:
-                continue
-            text_logits.append(out.text_logits)
-            if out.audio_logits is not None:
-                audio_logits.append(out.audio_logits)
-    text = torch.cat(text_logits, dim=2)[:, :, :T]
-    audio = torch.cat(audio_logits, dim=2)[:, :, :T] if audio_logits else None
-    return text, audio
+    chunks = list(teacher_force(LMGen(lm_model, use_sampling=False), codes[:, 1:1 + dep_q], text=codes[:, 0],
+                                user=codes[:, dep_q + 1:], chunk=chunk))
+    text = torch.cat([c.logits.text_logits for c in chunks], dim=2)
+    audio = [c.logits.audio_logits for c in chunks if c.logits.audio_logits is not None]
+    return text, (torch.cat(audio, dim=2) if audio else None)
 
 
 def _compare(name: str, streamed: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from moshi_eval.check import teacher_forced_logits
-from moshi_patch import LMGen
+from moshi_patch import LMGen, TeacherForcing
 from moshi_patch.ttt import add_ttt_layers, ttt_layers
 
-from lm_factory import make_lm, random_codes
+from lm_factory import make_lm, random_codes, stream_teacher_forced
 
 TOL = 1e-4
 
@@ -75,12 +75,12 @@ def test_inner_weights_change_during_a_stream():
     lm = ttt_lm(mini_batch_size=4)
     codes = random_codes(lm, 2, 12)
     lm_gen = LMGen(lm, use_sampling=False)
+    plan = TeacherForcing(lm, codes[:, 1:1 + lm.dep_q], text=codes[:, 0], user=codes[:, lm.dep_q + 1:])
     with lm_gen.streaming(2):
         states = [block._streaming_state for block in ttt_layers(lm)]
         history = []
         for step in range(12):
-            lm_gen.step_with_logits(codes[:, lm.dep_q + 1:, max(step - 1, 0), None],
-                                    codes[:, :1 + lm.dep_q, step, None])
+            lm_gen.step_with_logits(*plan.inputs(step))
             history.append([state.w.clone() for state in states])
         for i, state in enumerate(states):
             # W0 moves exactly at the end of each mini-batch of 4 frames, for every item.
@@ -126,19 +126,15 @@ def test_fresh_state_workaround_measures_another_model():
     codes = random_codes(lm, B, T)
     with torch.no_grad():
         ref = lm(codes)
-    blocks = ttt_layers(lm)
-    lm_gen = LMGen(lm, use_sampling=False)
-    text, audio = [], []
-    with lm_gen.streaming(B):
-        for step in range(T + lm_gen.max_delay):
-            for block in blocks:
-                block._streaming_state.reset(torch.ones(B, dtype=torch.bool))
-            forced = codes[:, :1 + lm.dep_q, step, None] if step < T else None
-            out = lm_gen.step_with_logits(codes[:, lm.dep_q + 1:, max(min(step - 1, T - 1), 0), None], forced)
-            if out is not None:
-                text.append(out.text_logits[:, :, 0])
-                audio.append(out.audio_logits[:, :, 0])
-    fresh_text, fresh_audio = torch.stack(text, 2)[:, :, :T], torch.stack(audio, 2)[:, :, :T]
+    # Before every step (one frame per call), each TTT block starts from its initial inner weights.
+    handles = [block.register_forward_pre_hook(
+        lambda module, args: module._streaming_state.reset(torch.ones(B, dtype=torch.bool)))
+        for block in ttt_layers(lm)]
+    try:
+        fresh_text, fresh_audio, _ = stream_teacher_forced(LMGen(lm, use_sampling=False), codes)
+    finally:
+        for handle in handles:
+            handle.remove()
     gap = (fresh_audio - ref.logits).abs()[ref.mask]
     text_gap = (fresh_text - ref.text_logits).abs()[ref.text_mask]
     # Measured: audio max 5.7e-2, mean 6.4e-3; text max 9.1e-2, mean 1.0e-2 (step_with_logits: ~1e-6).
@@ -162,18 +158,19 @@ def test_exec_mask_and_reset_with_ttt():
     lm_gen = LMGen(lm, use_sampling=False)
     per_item: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     frame_of = [0, 0]
+    before = TeacherForcing(lm, other[:, 1:1 + dep_q], text=other[:, 0], user=other[:, dep_q + 1:])
+    plan = TeacherForcing(lm, codes[:, 1:1 + dep_q], text=codes[:, 0], user=codes[:, dep_q + 1:])
     with lm_gen.streaming(2):
         for step in range(5):      # item 0 has a history that a reset must erase; item 1 starts now
             lm_gen.set_exec_mask(torch.tensor([True, False]))
-            lm_gen.step_with_logits(other[:, dep_q + 1:, max(step - 1, 0), None], other[:, :1 + dep_q, step, None])
+            lm_gen.step_with_logits(*before.inputs(step))
         lm_gen.reset_streaming(torch.tensor([True, False]))
         for step in range(T + len(paused) + lm_gen.max_delay):
             mask = torch.tensor([True, step not in paused])
             lm_gen.set_exec_mask(mask)
-            f = [min(frame_of[b], T - 1) for b in range(2)]
-            forced = torch.stack([codes[b, :1 + dep_q, f[b], None] if frame_of[b] < T
-                                  else torch.full((1 + dep_q, 1), -2) for b in range(2)])
-            user = torch.stack([codes[b, dep_q + 1:, max(min(frame_of[b] - 1, T - 1), 0), None] for b in range(2)])
+            # Each item gets the tokens of its own step (a paused item does not advance).
+            inputs = [plan.inputs(min(frame_of[b], plan.num_steps - 1)) for b in range(2)]
+            user, forced = (torch.stack([inputs[b][i][b] for b in range(2)]) for i in range(2))
             out = lm_gen.step_with_logits(user, forced)
             for b in range(2):
                 if out is not None and mask[b] and frame_of[b] >= lm_gen.max_delay:
