@@ -91,7 +91,8 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
     parser.add_argument("--user-stream", choices=USER_STREAMS, default="silence",
                         help="user audio stream: Mimi codes of digital silence (default), or zero (-1, no input)")
     parser.add_argument("--text", choices=TEXT_MODES, default="predicted",
-                        help="text stream: the model's own argmax (default) or forced to the padding token")
+                        help="text stream: the model's own argmax (default), forced to the padding token (pad), "
+                             "or no text input (zero, -1)")
     parser.add_argument("--first-codebook-weight", type=_positive_float, default=DEFAULT_FIRST_CODEBOOK_WEIGHT,
                         help="weight of codebook 0 in audio_ce_weighted (default 100, as moshi-finetune's "
                              "example config; its loss function defaults to 1)")
