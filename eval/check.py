@@ -24,6 +24,7 @@ from moshi_patch.ttt import add_ttt_layers
 
 from .checkpoint import CheckpointError, add_checkpoint_arguments, load_checkpoint, resolve_device, resolve_dtype
 from .demo import demo_lm
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 # Default tolerance on |logit difference| per model dtype. float32: streaming and forward agree to ~1e-6,
 # 1e-4 leaves room for long sequences. Half precision: the two paths round differently (different matmul
@@ -244,7 +245,7 @@ def run_check_streaming(args: argparse.Namespace) -> int:
     error (the message goes to stderr)."""
     def usage_error(message: str) -> int:
         print(f"moshi-eval check-streaming: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     for name in ("frames", "batch_size", "mini_batch_size", "chunk"):
         if getattr(args, name) < 1:
@@ -273,6 +274,6 @@ def run_check_streaming(args: argparse.Namespace) -> int:
         return usage_error(str(error))
     except MultiFrameStreamingError as error:   # The model cannot be scored in chunks: a finding, exit 1.
         print(f"moshi-eval check-streaming: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     print(result.format())
-    return 0 if result.consistent else 1
+    return EXIT_OK if result.consistent else EXIT_ERROR

@@ -20,19 +20,16 @@ import typing as tp
 
 from . import check as check_module
 from . import compare as compare_module
-from . import report
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
-from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
+from .checkpoint import LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
 from .distributed import from_environment, rank_device
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
+from .errors import EXIT_INTERRUPTED, MoshiEvalError, UsageError
 from .hashing import FileHasher
-from .lock import OutputBusyError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
-from .run import EXIT_INTERRUPTED, MIMI_FRAME_RATE, EvalJob, UsageError, run_eval
-from .scoring import DEFAULT_CHUNK, NonFiniteLossError, TEXT_MODES, USER_STREAMS
-
-EXIT_ERROR = 1
+from .run import MIMI_FRAME_RATE, EvalJob, run_eval
+from .scoring import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS
 
 
 def default_cache_dir() -> Path:
@@ -264,10 +261,9 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (DataError, CheckpointError, report.ReportError, UsageError, NonFiniteLossError,
-            OutputBusyError, compare_module.CompareError) as exc:
+    except MoshiEvalError as exc:   # a message, no traceback; anything else is a bug and keeps its traceback
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         print("\nmoshi-eval: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -22,11 +22,13 @@ import numpy as np
 import sphn
 import torch
 
+from .errors import MoshiEvalError
+
 AUDIO_EXTENSIONS = (".flac", ".mp3", ".wav", ".ogg")
 TRUNCATION_SLACK_SECONDS = 0.1  # decoded audio this much shorter than its header's duration: an error
 
 
-class DataError(ValueError):
+class DataError(MoshiEvalError, ValueError):
     """A problem with the audio data given to the eval: the message names the path and what was wrong."""
 
 

@@ -22,6 +22,7 @@ from moshi_patch.driver import ForcedChunk, batch_codes, teacher_force
 import torch
 from tqdm import tqdm
 
+from .errors import MoshiEvalError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT, audio_cross_entropy, codebook_weights
 
 USER_STREAMS = ("silence", "zero")
@@ -32,7 +33,7 @@ DEFAULT_CHUNK = 128
 TEXT_MODES = ("predicted", "pad", "zero")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MoshiEvalError, RuntimeError):
     """Non-finite logits or cross-entropy at a scored frame; the message names the sequence and frame."""
 
     def __init__(self, message: str, sequence_id: str, frame: int) -> None:
