@@ -6,11 +6,9 @@ import torch
 from moshi.modules.streaming import State, StreamingModule
 from moshi_patch import LMGen, TeacherForcing
 from moshi_patch.chunking import MultiFrameStreamingError
-from moshi_patch.ttt import TTTLinear, add_ttt_layers
+from moshi_patch.ttt import TTTLinear
 
-from lm_factory import make_lm, random_codes, stream_teacher_forced
-
-ATOL = 1e-4
+from helpers.lm_factory import assert_close, make_lm, random_codes, stream_teacher_forced, ttt_lm
 
 
 def chunk_inputs(lm, codes: torch.Tensor, start: int, frames: int, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,26 +29,9 @@ def stream(lm_gen: LMGen, codes: torch.Tensor, schedule: list[int], text: str = 
     return text_logits, audio_logits, tokens
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    assert a.shape == b.shape
-    diff = (a.float() - b.float()).abs()
-    if mask is not None:
-        assert mask.any()
-        diff = diff[mask]
-    assert torch.isfinite(diff).all()
-    assert diff.max().item() < ATOL, diff.max().item()
-
-
-def ttt_model(**kwargs):
-    lm = make_lm(**kwargs)
-    torch.manual_seed(3)
-    # Mini-batches of 3 frames: their boundaries fall inside chunks of 2, 7 and 20 frames.
-    return add_ttt_layers(lm, [0, 1], mini_batch_size=3)
-
-
 MODELS = {
     "delay_2_wrap": lambda: make_lm(n_q=6, dep_q=3, max_delay=2, context=5),
-    "ttt": lambda: ttt_model(n_q=6, dep_q=3, max_delay=2, context=5),
+    "ttt": lambda: ttt_lm(n_q=6, dep_q=3, max_delay=2, context=5, mini_batch_size=3),
 }
 
 
@@ -92,7 +73,7 @@ def test_predicted_text_chunks_equal_one_frame_and_replay(model: str, chunk: int
 def test_state_continues_across_chunks_and_single_frames() -> None:
     """Chunks, then one-frame calls, then chunks again (the KV caches are widened mid-stream, keeping what
     they hold): the same as one frame per call throughout."""
-    lm = ttt_model(n_q=6, dep_q=3, max_delay=2, context=6)
+    lm = ttt_lm(n_q=6, dep_q=3, max_delay=2, context=6, mini_batch_size=3)
     codes = random_codes(lm, 2, 40, seed=8)
     schedule = [4, 5, 1, 1, 1, 3, 1, 9, 2, 1, 7]
     for text_mode in ("forced", "predicted"):

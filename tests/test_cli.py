@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from moshi.utils.compile import no_compile
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import FAST, librilight_args, make_world, results, sequences, sigterm_after_first_book
-from checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
+from helpers.cli_helpers import FAST, librilight_args, results, sequences, sigterm_after_first_book
+from helpers.checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
 from moshi_eval import report
 from moshi_eval.cli import main
 from moshi_eval.codes import encode_book
@@ -24,11 +24,6 @@ from moshi_eval.errors import EXIT_ERROR, EXIT_USAGE
 from moshi_eval.scoring import DEFAULT_CHUNK
 
 _results, _npz = results, sequences
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("cli"))
 
 
 def _run(world, out, *extra, audio=None, ckpt_args=None):

@@ -4,9 +4,7 @@ import torch
 
 from moshi_patch import LMGen, TeacherForcing, teacher_force
 
-from lm_factory import make_lm, random_codes
-
-ATOL = 1e-4
+from helpers.lm_factory import assert_close, make_lm, random_codes
 
 
 def _model(max_delay: int = 2):
@@ -56,10 +54,8 @@ def test_items_of_different_lengths_equal_forward(text_mode: str, user_mode: str
             reference = lm(codes)
         mask = reference.mask[0, :, :n]
         assert mask.all()         # with the frames after the end, every frame of the item is checked
-        diff = (streamed[i, :, :n] - reference.logits[0, :, :n]).abs()
-        assert diff.max() < ATOL, float(diff.max())
-        text_diff = (text[i, 0, :n] - reference.text_logits[0, 0, :n]).abs()
-        assert text_diff.max() < ATOL, float(text_diff.max())
+        assert_close(streamed[i, :, :n], reference.logits[0, :, :n])
+        assert_close(text[i, 0, :n], reference.text_logits[0, 0, :n])
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
@@ -78,7 +74,7 @@ def test_max_frames_feeds_the_next_frames_to_the_flush(chunk: int) -> None:
     whole = logits(audio=audio)
     cut = logits(audio=audio, max_frames=8)
     assert cut.shape[2] == 8
-    assert (cut - whole[:, :, :8]).abs().max() < ATOL
+    assert_close(cut, whole[:, :, :8])
     alone = logits(audio=audio[:, :, :8])
     assert (alone[:, 1:, 7] - whole[:, 1:, 7]).abs().max() > 1e-3     # frame 7's delayed codebooks
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from moshi.utils.compile import no_compile
 
-from lm_factory import make_lm
+from helpers.lm_factory import make_lm
 from moshi_eval.scoring import NonFiniteLossError, score, score_sequences
 from moshi_patch import LMGen
 

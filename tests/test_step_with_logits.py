@@ -6,7 +6,7 @@ import torch
 from moshi.models import lm as upstream_lm
 from moshi.models.lm_utils import _delay_sequence
 
-from lm_factory import make_lm, random_codes
+from helpers.lm_factory import make_lm, random_codes
 
 # `MOSHI_PATCH_TEST_LMGEN=upstream`: test `moshi.models.lm.LMGen` of a moshi with the upstream patch applied
 # (tests/test_upstream.py, `python -m moshi_patch.upstream --run-tests`) instead of moshi_patch's subclass.

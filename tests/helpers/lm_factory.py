@@ -68,6 +68,32 @@ def make_lm(
     return model.eval()
 
 
+def ttt_lm(layers: tp.Sequence[int] = (0, 1), mini_batch_size: int = 4, ttt_seed: int = 3,
+           **kwargs: tp.Any) -> LMModel:
+    """`make_lm(**kwargs)` with TTT-Linear blocks after the temporal layers `layers` (initialised from
+    `ttt_seed`): the one TTT model factory of the tests."""
+    from moshi_patch.ttt import add_ttt_layers   # not at import: see the package docstring
+
+    lm = make_lm(**kwargs)
+    torch.manual_seed(ttt_seed)
+    return add_ttt_layers(lm, list(layers), mini_batch_size=mini_batch_size)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None = None,
+                 atol: float = 1e-4) -> float:
+    """`actual` and `expected` (same shape) agree within `atol` at every position of `mask` (broadcast to
+    the leading dimensions; all positions if None), where both must be finite. Returns the max |diff|."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff = (actual.detach().float() - expected.detach().float()).abs()
+    if mask is not None:
+        assert mask.any(), "nothing to compare: the mask is empty"
+        diff = diff[mask]
+    assert torch.isfinite(diff).all(), "non-finite values where the two are compared"
+    worst = float(diff.max())
+    assert worst < atol, worst
+    return worst
+
+
 def random_codes(model: LMModel, batch: int, frames: int, seed: int = 1) -> torch.Tensor:
     """Random valid codes `[B, K, T]`: text in [0, text_card), audio in [0, card)."""
     gen = torch.Generator().manual_seed(seed)
