@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from checkpoint_factory import write_librilight_folder, write_tiny_checkpoint  # noqa: E402
+from helpers.checkpoint_factory import write_librilight_folder, write_tiny_checkpoint  # noqa: E402
 from moshi_eval.cli import main as moshi_eval  # noqa: E402
 
 

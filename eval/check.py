@@ -19,13 +19,14 @@ from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 from moshi.utils.compile import no_compile
 
-from moshi_patch import LMGen
+from moshi_patch import LMGen, teacher_force
 from moshi_patch.chunking import MultiFrameStreamingError
 from moshi_patch.ttt import TTTLinear, add_ttt_layers
 
 from .checkpoint import CheckpointError, add_checkpoint_arguments, load_checkpoint, resolve_device, resolve_dtype
 from .config import ModelSource
 from .demo import demo_lm
+from .errors import MoshiEvalError, EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 # Default tolerance on |logit difference| per model dtype. float32: streaming and forward agree to ~1e-6,
 # 1e-4 leaves room for long sequences. Half precision: the two paths round differently (different matmul
@@ -126,33 +127,15 @@ def random_codes(lm_model: LMModel, batch_size: int, frames: int, seed: int) -> 
 def teacher_forced_logits(lm_model: LMModel, codes: torch.Tensor, chunk: int = 1
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stream `codes [B, 1 + n_q, T]` through `LMGen.step_with_logits`, `chunk` frames per call, teacher
-    forcing the model's own streams, and return the logits in the layout of `LMModel.forward`: text
-    `[B, 1, T, text_card]` and audio `[B, dep_q, T, card]` (None if dep_q == 0), in the model dtype."""
-    B, _, T = codes.shape
+    forcing the model's own streams (`moshi_patch.teacher_force`), and return the logits in the layout of
+    `LMModel.forward`: text `[B, 1, T, text_card]` and audio `[B, dep_q, T, card]` (None if dep_q == 0), in
+    the model dtype."""
     dep_q = lm_model.dep_q
-    lm_gen = LMGen(lm_model, use_sampling=False)
-    user = codes[:, dep_q + 1:]
-    text_logits, audio_logits = [], []
-    with lm_gen.streaming(B):
-        step = 0
-        while step < T + lm_gen.max_delay:
-            n = min(chunk, T + lm_gen.max_delay - step)
-            # Frames past the end only feed the flush of the delays: "no input" there.
-            forced = torch.full((B, 1 + dep_q, n), lm_model.zero_token_id, dtype=torch.long, device=codes.device)
-            known = codes[:, :1 + dep_q, step:step + n]
-            forced[:, :, :known.shape[-1]] = known
-            # User frame s - 1 at step s (DESIGN.md section 2).
-            columns = (torch.arange(step, step + n, device=codes.device) - 1).clamp(0, T - 1)
-            out = lm_gen.step_with_logits(user[:, :, columns], forced)
-            step += n
-            if out is None:
-                continue
-            text_logits.append(out.text_logits)
-            if out.audio_logits is not None:
-                audio_logits.append(out.audio_logits)
-    text = torch.cat(text_logits, dim=2)[:, :, :T]
-    audio = torch.cat(audio_logits, dim=2)[:, :, :T] if audio_logits else None
-    return text, audio
+    chunks = list(teacher_force(LMGen(lm_model, use_sampling=False), codes[:, 1:1 + dep_q], text=codes[:, 0],
+                                user=codes[:, dep_q + 1:], chunk=chunk))
+    text = torch.cat([c.logits.text_logits for c in chunks], dim=2)
+    audio = [c.logits.audio_logits for c in chunks if c.logits.audio_logits is not None]
+    return text, (torch.cat(audio, dim=2) if audio else None)
 
 
 def _compare(name: str, streamed: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
@@ -181,7 +164,7 @@ TEXT_PATHS = ("forced", "pad", "predicted")
 KNOWN_STREAMING_MODULES = (TTTLinear,)
 
 
-class StreamingCheckError(RuntimeError):
+class StreamingCheckError(MoshiEvalError, RuntimeError):
     """The eval's chunked path differs from its one-frame path on this model: the message is the verdict."""
 
 
@@ -621,7 +604,7 @@ def run_check_streaming(args: CheckStreamingConfig) -> int:
     error (the message goes to stderr)."""
     def usage_error(message: str) -> int:
         print(f"moshi-eval check-streaming: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     if args.threads is not None and args.threads < 1:
         return usage_error(f"--threads must be >= 1, got {args.threads}.")
@@ -663,6 +646,6 @@ def _run_check_streaming(args: CheckStreamingConfig, usage_error: tp.Callable[[s
         return usage_error(str(error))
     except MultiFrameStreamingError as error:   # The model cannot be scored in chunks: a finding, exit 1.
         print(f"moshi-eval check-streaming: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     print(result.format())
-    return 0 if result.consistent else 1
+    return EXIT_OK if result.consistent else EXIT_ERROR

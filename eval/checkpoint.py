@@ -20,10 +20,11 @@ from moshi.modules.lora import replace_lora_with_linear
 from safetensors.torch import load_file
 
 from .config import ModelSource
+from .errors import MoshiEvalError
 from .hashing import FileHasher
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoshiEvalError, ValueError):
     """A checkpoint that cannot be loaded, or a codec that does not fit the model; the message says why."""
 
 

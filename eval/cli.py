@@ -25,23 +25,18 @@ import typing as tp
 from . import check as check_module
 from . import loggers
 from . import compare as compare_module
-from . import distributed, report
+from . import distributed
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
-from .checkpoint import CheckpointError, LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
-from .config import ConfigError, LibriLightConfig, ModelSource, RunConfig, from_values
-from .distributed import DistributedError, from_environment, rank_device
+from .checkpoint import LoadedCheckpoint, add_checkpoint_arguments, resolve_checkpoint
+from .config import LibriLightConfig, ModelSource, RunConfig, from_values
+from .distributed import from_environment, rank_device
 from .data import AudioReadError, Book, DataError, book_seconds, discover_books, select_books
+from .errors import EXIT_INTERRUPTED, MoshiEvalError, UsageError
 from .hashing import FileHasher
-from .likelihood import LikelihoodConfigError
-from .likelihood_compare import LikelihoodCompareError
-from .model_call import RankFailedError
-from .lock import OutputBusyError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
-from .run import EXIT_INTERRUPTED, MIMI_FRAME_RATE, EvalJob, UsageError, _raise_interrupt, run_eval
-from .scoring import DEFAULT_CHUNK, NonFiniteLossError, TEXT_MODES, USER_STREAMS
-
-EXIT_ERROR = 1
+from .run import MIMI_FRAME_RATE, EvalJob, _raise_interrupt, run_eval
+from .scoring import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS
 
 
 def default_cache_dir() -> Path:
@@ -100,8 +95,8 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
     parser.add_argument("--user-stream", choices=USER_STREAMS, default="silence",
                         help="user audio stream: Mimi codes of digital silence (default), or zero (-1, no input)")
     parser.add_argument("--text", choices=TEXT_MODES, default="predicted",
-                        help="text stream: the model's own argmax (default), forced to the padding token, or zero "
-                             "(-1, no text input)")
+                        help="text stream: the model's own argmax (default), forced to the padding token (pad), "
+                             "or no text input (zero, -1)")
     parser.add_argument("--first-codebook-weight", type=_positive_float, default=DEFAULT_FIRST_CODEBOOK_WEIGHT,
                         help="weight of codebook 0 in audio_ce_weighted (default 100, as moshi-finetune's "
                              "example config; its loss function defaults to 1)")
@@ -467,11 +462,9 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ConfigError, loggers.LoggerError, report.ReportError, UsageError,
-            NonFiniteLossError, OutputBusyError, compare_module.CompareError, check_module.StreamingCheckError,
-            DistributedError, LikelihoodConfigError, LikelihoodCompareError, RankFailedError) as exc:
+    except MoshiEvalError as exc:   # a message, no traceback; anything else is a bug and keeps its traceback
         print(f"moshi-eval: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         print("\nmoshi-eval: interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -32,6 +32,7 @@ from .hashing import file_sha256
 from .lock import OutputBusyError, SharedLock
 from .bootstrap import (BookResampler, Interval, book_slope_per_1000, book_window_mean, bucket_band,
                         few_books_note, paired_bootstrap)
+from .errors import MoshiEvalError
 from .metrics import Curve, frame_mean, slope_per_1000
 
 # Scoring options that must match between compared runs (the model is what is compared).
@@ -39,7 +40,7 @@ SCORING_KEYS = ("text", "user_stream", "max_frames", "max_chapters", "first_code
 LOSS = "audio_ce"
 
 
-class CompareError(ValueError):
+class CompareError(MoshiEvalError, ValueError):
     """Runs that cannot be compared; the message says why."""
 
 

@@ -15,10 +15,13 @@ from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
 from .scoring import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS
+from .errors import EXIT_USAGE, MoshiEvalError
 
 
-class ConfigError(ValueError):
+class ConfigError(MoshiEvalError, ValueError):
     """A configuration value out of range; the message names the field (the command line flag)."""
+
+    exit_code = EXIT_USAGE      # a bad option: the command line's fault, as argparse's own errors
 
 
 def _flag(name: str) -> str:

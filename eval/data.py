@@ -24,12 +24,14 @@ import numpy as np
 import sphn
 import torch
 
+from .errors import MoshiEvalError
+
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3")   # of one chapter in two formats, the first is kept
 logger = logging.getLogger(__name__)
 TRUNCATION_SLACK_SECONDS = 0.1  # decoded audio this much shorter than its header's duration: an error
 
 
-class DataError(ValueError):
+class DataError(MoshiEvalError, ValueError):
     """A problem with the audio data given to the eval: the message names the path and what was wrong."""
 
 

@@ -15,6 +15,8 @@ import typing as tp
 import torch
 import torch.distributed as dist
 
+from .errors import MoshiEvalError
+
 
 @dataclass
 class Ranks:
@@ -72,7 +74,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-class DistributedError(RuntimeError):
+class DistributedError(MoshiEvalError, RuntimeError):
     """A multi-process environment that is not torchrun's (the message says what is missing)."""
 
 

@@ -51,6 +51,7 @@ from .hashing import FileHasher
 from .lock import OutputLock
 from .model_call import caller_ranks, check_model, on_every_rank, score_model
 from .scoring import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS, score_sequences
+from .errors import EXIT_USAGE, MoshiEvalError
 
 NORMALIZATIONS = ("sum", "mean")
 PRIMARY = "sum"
@@ -66,8 +67,10 @@ CONFIG_JSON = "config.json"
 RESULTS_JSON = "results.json"
 
 
-class LikelihoodConfigError(ValueError):
+class LikelihoodConfigError(MoshiEvalError, ValueError):
     """A bad value in a `LikelihoodConfig`; the message names the field."""
+
+    exit_code = EXIT_USAGE      # a bad option: the command line's fault, as argparse's own errors
 
 
 @dataclass

@@ -17,11 +17,12 @@ import numpy as np
 from . import report
 from .bootstrap import paired_bootstrap
 from .likelihood import ITEMS_CSV, NORMALIZATIONS, PAIRS_CSV, RESULTS_JSON, pair_score
+from .errors import MoshiEvalError
 
 MATCHING_KEYS = ("task", "data", "split")
 
 
-class LikelihoodCompareError(ValueError):
+class LikelihoodCompareError(MoshiEvalError, ValueError):
     """Runs that cannot be compared; the message says why."""
 
 

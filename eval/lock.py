@@ -11,10 +11,12 @@ import json
 import os
 from pathlib import Path
 
+from .errors import MoshiEvalError
+
 LOCK_NAME = ".moshi-eval.lock"
 
 
-class OutputBusyError(RuntimeError):
+class OutputBusyError(MoshiEvalError, RuntimeError):
     """Another run holds the output folder."""
 
 

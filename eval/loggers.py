@@ -27,12 +27,13 @@ import typing as tp
 import numpy as np
 
 from . import report
+from .errors import MoshiEvalError
 
 INSTALL = {"wandb": "pip install 'moshi-patch[wandb]'  (or: pip install wandb)",
            "tensorboard": "pip install 'moshi-patch[tensorboard]'  (or: pip install tensorboard)"}
 
 
-class LoggerError(ValueError):
+class LoggerError(MoshiEvalError, ValueError):
     """A logger that cannot be used: its package is missing, or a bad `--wandb` value."""
 
 

@@ -16,9 +16,10 @@ import torch
 from moshi.models.lm import LMModel
 
 from . import distributed
+from .errors import MoshiEvalError
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(MoshiEvalError, RuntimeError):
     """Another rank of the caller's process group failed during a collective step of the evaluator."""
 
 

@@ -14,6 +14,7 @@ Layout of `<out>`:
   attention context marked.
 """
 import csv
+import datetime
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import typing as tp
 import numpy as np
 
 from .atomic import atomic_write as _atomic_write
+from .errors import MoshiEvalError
 from .metrics import frame_mean
 
 CONFIG_JSON = "config.json"
@@ -34,7 +36,7 @@ SEQUENCES_DIR = "sequences"
 SEQUENCE_ARRAYS = ("audio_ce", "audio_ce_weighted", "codebook_ce", "text_token")
 
 
-class ReportError(ValueError):
+class ReportError(MoshiEvalError, ValueError):
     """An output directory that cannot be used (foreign configuration, corrupt result file)."""
 
 
@@ -106,6 +108,46 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
 # Longer ids get a shortened file name: a file name has at most 255 bytes, and the temporary file of an
 # atomic write adds about 20 to it.
 MAX_FILE_STEM = 120
+
+
+def results_document(command: str, config: dict, versions: dict, model: dict, codec: dict, books: list[dict],
+                     skipped: list[dict], metrics: dict, runtime: dict) -> dict:
+    """The content of `results.json`, every key in the order it is written.
+
+    - `command`: the command line of the run, shell-quoted.
+    - `created`: when the file was written, UTC, ISO 8601 to the second.
+    - `config`: the scoring configuration (what the per-book numbers depend on, as in `config.json`) and the
+      run's reporting options (batch size, number of books, report positions, bootstrap...).
+    - `versions`: python, torch, moshi, moshi_patch, moshi_eval.
+    - `model`: the checkpoint identity (weight files and their sha256, LoRA status), then the LM's shape:
+      `n_q`, `dep_q`, `card`, `text_card`, `delays`, `context` (frames of attention), `context_minutes`,
+      `text_padding_token_id`.
+    - `codec`: Mimi's `identity`, `num_codebooks`, `cardinality`, `sample_rate`, `frame_rate` (frames/s).
+    - `num_books`, `books`: the finished books: their id, speaker, book and chapters, `frames`, `minutes`,
+      `audio_ce_mean`, `audio_ce_weighted_mean`, `file` (their `.npz`, relative to the run folder) and
+      `file_sha256` (its digest when results.json was written: `compare` refuses a book file changed since).
+    - `skipped`: books not scored, each with its `reason`.
+    - `metrics`: the aggregates over books (per-frame means, report positions, slopes, buckets, bootstrap
+      intervals with a `few_books` flag and `note` under 10 books; `longest_book_frames`, `frames_scored`):
+      `moshi_eval.metrics.summarize`.
+    - `runtime`: frames scored and seconds in this run, frames/s, encode and total seconds, books scored and
+      resumed, the code cache's hits and misses, device, processes, chunk statistics.
+    - `files` (added by the run as it writes results.json last): the sha256 of `curve.csv` and `curve.png`
+      written with it; a run killed between the writes leaves digests that do not match.
+    """
+    return {
+        "command": command,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "versions": versions,
+        "model": model,
+        "codec": codec,
+        "num_books": len(books),
+        "books": books,
+        "skipped": skipped,
+        "metrics": metrics,
+        "runtime": runtime,
+    }
 
 
 def sequence_path(out_dir: str | Path, sequence_id: str) -> Path:

@@ -13,7 +13,6 @@ No result is lost or mixed:
 """
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-import datetime
 import hashlib
 import json
 import math
@@ -39,6 +38,7 @@ from .checkpoint import LoadedCheckpoint, check_codec_fits
 from .config import LibriLightConfig, RunConfig
 from .codes import CodeCache, codec_identity, device_kind, encode_book, encoding_setting, silence_codes
 from .data import AudioReadError, Book, DataError, book_seconds
+from .errors import EXIT_INTERRUPTED, UsageError
 from .hashing import FileHasher
 from .lock import OutputLock
 from .bootstrap import bootstrap_summary, bucket_band
@@ -50,11 +50,6 @@ from .scoring import score_sequences
 # input, hence its codes, are constant.
 SILENCE_FRAMES = 160
 MIMI_FRAME_RATE = 12.5   # frames per second, to estimate a book's frames from its file headers
-EXIT_INTERRUPTED = 130
-
-
-class UsageError(ValueError):
-    """A bad combination of command line values."""
 
 
 @dataclass
@@ -483,26 +478,18 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
         "processes": len(reports),
         "chunks": _sum_chunks([r.chunks for r in reports]),
     }
-    results = {
-        "command": command_line(job.argv),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": dict(scoring_config(job), batch_size=args.batch_size, num_books=args.num_books,
-                       min_frames=args.min_frames, report_at=list(args.report_at),
-                       report_window=args.report_window, bucket=args.bucket, strict=args.strict,
-                       bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed),
-        "versions": versions(),
-        "model": dict(ckpt.identity, n_q=lm_model.n_q, dep_q=lm_model.dep_q, card=lm_model.card,
-                      text_card=lm_model.text_card, delays=list(lm_model.delays), context=lm_model.context,
-                      context_minutes=None if lm_model.context is None else lm_model.context / frame_rate / 60,
-                      text_padding_token_id=lm_model.text_padding_token_id),
-        "codec": {"identity": codec_identity(mimi), "num_codebooks": mimi.num_codebooks,
-                  "cardinality": mimi.cardinality, "sample_rate": mimi.sample_rate, "frame_rate": frame_rate},
-        "num_books": len(books_meta),
-        "books": books_meta,
-        "skipped": skipped,
-        "metrics": _metrics(sequences, args),
-        "runtime": runtime,
-    }
+    config = dict(scoring_config(job), batch_size=args.batch_size, num_books=args.num_books,
+                  min_frames=args.min_frames, report_at=list(args.report_at), report_window=args.report_window,
+                  bucket=args.bucket, strict=args.strict, bootstrap=args.bootstrap,
+                  bootstrap_seed=args.bootstrap_seed)
+    model = dict(ckpt.identity, n_q=lm_model.n_q, dep_q=lm_model.dep_q, card=lm_model.card,
+                 text_card=lm_model.text_card, delays=list(lm_model.delays), context=lm_model.context,
+                 context_minutes=None if lm_model.context is None else lm_model.context / frame_rate / 60,
+                 text_padding_token_id=lm_model.text_padding_token_id)
+    codec = {"identity": codec_identity(mimi), "num_codebooks": mimi.num_codebooks,
+             "cardinality": mimi.cardinality, "sample_rate": mimi.sample_rate, "frame_rate": frame_rate}
+    results = report.results_document(command_line(job.argv), config, versions(), model, codec, books_meta,
+                                      skipped, _metrics(sequences, args), runtime)
     # results.json last, naming the digests of the files written with it: a run killed in between leaves
     # a results.json whose digests do not match curve.csv / curve.png, which a reader can tell.
     report.write_curve_csv(out / report.CURVE_CSV, sequences, frame_rate)

@@ -1,18 +1,16 @@
 """Per-frame audio cross-entropy of a streaming Moshi model on teacher-forced audio.
 
-The codes of a sequence go in the model's own audio stream (teacher forced through
-`moshi_patch.LMGen.step_with_logits`, `chunk` frames per call: the same losses as one frame per call), so
-the loss is that of the model *in its streaming state*: KV cache and any stateful layer (TTT) as they are
-after the frames before. Nothing but per-frame losses is kept:
-memory does not grow with the number of frames.
+The codes of a sequence go in the model's own audio stream, teacher forced through
+`moshi_patch.teacher_force` (`LMGen.step_with_logits`, `chunk` frames per call: the same losses as one frame
+per call), so the loss is that of the model *in its streaming state*: KV cache and any stateful layer (TTT)
+as they are after the frames before. Nothing but per-frame losses is kept: memory does not grow with the
+number of frames.
 
-Conventions (DESIGN.md, section 2 and 5):
-- at step `s` the forced tokens are frame `s` of the codes (undelayed); the user tokens are frame `s - 1`
-  of the user stream (what is passed at step 0 is ignored);
-- `step_with_logits` returns frame `s - max_delay` at step `s`: after the last frame, `max_delay` more
-  steps flush the logits of the last frames. During those steps, and after a shorter sequence of a batch
-  has ended, its audio is forced to the zero token (-1, "no input"): this is what `LMModel.forward` sees
-  for codes padded with -1, and those frames are never scored.
+`moshi_patch.driver` holds the teacher-forcing rule (frame `s` forced at step `s`, user frame `s - 1`,
+`max_delay` flush steps): after the end of a sequence its audio is forced to the zero token (-1, "no
+input"), what `LMModel.forward` sees for codes padded with -1, and those frames are never scored. With
+`max_frames`, the frames after the kept ones still feed the flush, so the kept frames are scored as in the
+full sequence.
 """
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,9 +18,11 @@ import typing as tp
 
 import numpy as np
 from moshi.utils.compile import no_compile
+from moshi_patch.driver import ForcedChunk, batch_codes, teacher_force
 import torch
 from tqdm import tqdm
 
+from .errors import MoshiEvalError
 from .loss import DEFAULT_FIRST_CODEBOOK_WEIGHT, audio_cross_entropy, codebook_weights
 
 USER_STREAMS = ("silence", "zero")
@@ -33,7 +33,7 @@ DEFAULT_CHUNK = 128
 TEXT_MODES = ("predicted", "pad", "zero")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MoshiEvalError, RuntimeError):
     """Non-finite logits or cross-entropy at a scored frame; the message names the sequence and frame."""
 
     def __init__(self, message: str, sequence_id: str, frame: int) -> None:
@@ -89,57 +89,15 @@ class SequenceScores:
                 "codebook_ce": self.codebook_ce, "text_token": self.text_token}
 
 
-def _as_batch(codes: torch.Tensor | tp.Sequence[torch.Tensor], num_codebooks: int, card: int,
-              lengths: tp.Sequence[int] | None, sequence_ids: list[str]
-              ) -> tuple[torch.Tensor, list[int]]:
-    """Codes `[B, K, T]` or a list of `[K, T_i]` -> padded `[B, K, T_max]` (pad -1) and the lengths."""
-    if isinstance(codes, torch.Tensor):
-        if codes.dim() != 3:
-            raise ValueError(f"codes must be [B, {num_codebooks}, T] or a list of [{num_codebooks}, T_i], "
-                             f"got a tensor of shape {tuple(codes.shape)}.")
-        items = list(codes)
-        if lengths is not None:
-            if len(lengths) != len(items):
-                raise ValueError(f"lengths has {len(lengths)} entries for a batch of {len(items)} sequences.")
-            for i, n in enumerate(lengths):
-                if not 0 < n <= codes.shape[-1]:
-                    raise ValueError(f"lengths[{i}] = {n} must be in [1, {codes.shape[-1]}].")
-            items = [item[:, :n] for item, n in zip(items, lengths)]
-    else:
-        items = list(codes)
-        if lengths is not None:
-            raise ValueError("lengths is only for a padded [B, K, T] codes tensor; a list has its own lengths.")
-    if not items:
-        raise ValueError("codes holds no sequence.")
-    for i, item in enumerate(items):
-        name = sequence_ids[i]
-        if not isinstance(item, torch.Tensor) or item.dim() != 2 or item.shape[0] != num_codebooks:
-            shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
-            raise ValueError(f"{name}: codes must have {num_codebooks} codebooks (the model's dep_q), shape "
-                             f"[{num_codebooks}, T], got {shape}.")
-        if item.dtype.is_floating_point:
-            raise ValueError(f"{name}: codes must hold integer tokens, got dtype {item.dtype}.")
-        if item.shape[1] == 0:
-            raise ValueError(f"{name}: sequence has no frame.")
-        if item.numel() and (item.min() < 0 or item.max() >= card):
-            raise ValueError(f"{name}: codes must be tokens in [0, card={card}), got values in "
-                             f"[{int(item.min())}, {int(item.max())}].")
-    lens = [int(item.shape[1]) for item in items]
-    batch = torch.full((len(items), num_codebooks, max(lens)), -1, dtype=torch.long)
-    for i, item in enumerate(items):
-        batch[i, :, : lens[i]] = item.cpu()
-    return batch, lens
-
-
-def _user_tokens(user_stream: str, silence: torch.Tensor | None, num_user: int) -> torch.Tensor | None:
-    """Silence codes as `[num_user, n]` (the last column repeats beyond n), or None for the zero stream."""
+def _user_tokens(user_stream: str, silence: torch.Tensor | None, num_user: int) -> torch.Tensor | str:
+    """Silence codes as `[num_user, n]` (the last column repeats beyond n), or "zero" for the zero stream."""
     if user_stream not in USER_STREAMS:
         raise ValueError(f"user_stream must be one of {USER_STREAMS}, got {user_stream!r}.")
     if user_stream == "zero":
         if silence is not None:
             raise ValueError("silence was given but user_stream='zero' feeds no input: pass "
                              "user_stream='silence' to use it, or silence=None.")
-        return None
+        return "zero"
     if silence is None:
         raise ValueError("user_stream='silence' needs `silence`: the Mimi codes of digital silence, "
                          f"[{num_user}, n] or [{num_user}] (see moshi_eval.codes.silence_codes).")
@@ -182,10 +140,11 @@ def score_chunks(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_s
             K = `lm_model.dep_q`, tokens in `[0, card)`.
         user_stream: "silence" (the user stream holds `silence`) or "zero" (-1: no input).
         text: "predicted" (the model's argmax: needs `use_sampling=False`), "pad" (forced to
-            `lm_model.text_padding_token_id`) or "zero" (-1, `zero_token_id`: no text input, the in-house setting).
+            `lm_model.text_padding_token_id`) or "zero" (-1: no text input; `text_token` is then -1).
         silence: for "silence", Mimi codes of digital silence `[n_q - dep_q, n]` or `[n_q - dep_q]`; user
             frame f is column `min(f, n - 1)` (silence codes are constant after a few frames).
-        max_frames: score at most this many frames of each sequence.
+        max_frames: score at most this many frames of each sequence. The frames after them still feed
+            the flush of the delays: the kept frames get the losses of the full sequence.
         progress: show a tqdm bar (scored frames, frames/s) on stderr; or a tqdm bar to update.
         first_codebook_weight: weight of codebook 0 in `audio_ce_weighted`.
         lengths: for a padded `[B, K, T]` tensor, the length of each sequence.
@@ -217,27 +176,14 @@ def score_chunks(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_s
     ids = list(sequence_ids) if sequence_ids is not None else [f"sequence {i}" for i in range(num)]
     if len(ids) != num:
         raise ValueError(f"sequence_ids has {len(ids)} names for {num} sequences.")
-    batch, lens = _as_batch(codes, K, card, lengths, ids)
-    if max_frames is not None:
-        lens = [min(n, max_frames) for n in lens]
-        batch = batch[:, :, : max(lens)]
+    batch, lens = batch_codes(codes, K, card, lengths, ids)
     num_user = lm_model.n_q - lm_model.dep_q
     user = _user_tokens(user_stream, silence, num_user)
+    scored = [min(n, max_frames) if max_frames is not None else n for n in lens]
 
     device = lm_model.device
-    B, T = batch.shape[0], max(lens)
-    delay = lm_gen.max_delay
-    lens_t = torch.tensor(lens, device=device)
-    # Codes padded with the zero token after each sequence's end and for the `max_delay` flush steps. They
-    # stay on the CPU: `step_with_logits` range-checks forced tokens where they are, so no device sync.
-    forced_audio = torch.full((B, K, T + delay), lm_model.zero_token_id, dtype=torch.long)
-    forced_audio[:, :, :T] = batch[:, :, :T]
-    targets_all = forced_audio.to(device)
-    text_value = {"predicted": lm_model.ungenerated_token_id, "pad": lm_model.text_padding_token_id,
-                  "zero": lm_model.zero_token_id}[text]
-    if user is None:
-        user = torch.full((num_user, 1), lm_model.zero_token_id, dtype=torch.long)
-
+    # The targets, on the device once: -1 after each sequence's end, never scored there.
+    targets_all = batch.to(device)
     with ExitStack() as stack:
         if device.type != "cuda":
             # Moshi compiles a few small functions (RMSNorm, rope, gating) lazily; on a CPU compiling costs
@@ -246,38 +192,25 @@ def score_chunks(lm_gen, codes: torch.Tensor | tp.Sequence[torch.Tensor], user_s
         if isinstance(progress, tqdm):
             bar = progress      # the caller's bar, e.g. one over all batches of a run
         else:
-            bar = stack.enter_context(tqdm(total=sum(lens), unit="frame", disable=not progress,
+            bar = stack.enter_context(tqdm(total=sum(scored), unit="frame", disable=not progress,
                                            desc="scoring", smoothing=0.1, dynamic_ncols=True))
-        stack.enter_context(lm_gen.streaming(B))
-        step = 0
-        while step < T + delay:
-            n = min(chunk, T + delay - step)
-            forced = torch.cat([torch.full((B, 1, n), text_value, dtype=torch.long),
-                                forced_audio[:, :, step:step + n]], dim=1)
-            # User frame s - 1 goes in at step s (DESIGN.md 2); step 0's input is ignored.
-            columns = (torch.arange(step, step + n) - 1).clamp(0, user.shape[1] - 1)
-            out = lm_gen.step_with_logits(user[None, :, columns].expand(B, -1, -1), forced)
-            step += n
-            if out is None:
-                continue
-            if out.audio_logits is None:
-                raise RuntimeError(f"step_with_logits returned no audio logits at step {step - 1}.")
-            losses = _chunk_losses(out, targets_all, lens_t, step - delay, first_codebook_weight, ids)
+        for forced in teacher_force(lm_gen, batch, text=text, user=user, lengths=lens, max_frames=max_frames,
+                                    chunk=chunk, names=ids):
+            if forced.logits.audio_logits is None:
+                raise RuntimeError(f"step_with_logits returned no audio logits for frames {forced.start} .. "
+                                   f"{forced.stop - 1}.")
+            losses = _chunk_losses(forced, targets_all, first_codebook_weight, ids)
             bar.update(int(losses.valid.sum()))
             yield losses
 
 
-def _chunk_losses(out, targets_all: torch.Tensor, lens_t: torch.Tensor, end: int,
-                  first_codebook_weight: float, ids: list[str]) -> ChunkLoss:
-    """Losses of the frames `out` returns, frames `end - T' .. end - 1`, with one device -> host copy."""
-    frames = out.audio_logits.shape[2]
-    start = end - frames
-    if start < 0:
-        raise RuntimeError(f"step_with_logits returned {frames} frames ending at frame {end - 1}.")
+def _chunk_losses(forced: ForcedChunk, targets_all: torch.Tensor, first_codebook_weight: float,
+                  ids: list[str]) -> ChunkLoss:
+    """Losses of the frames of `forced`, with one device -> host copy."""
+    out, start, end, valid = forced.logits, forced.start, forced.stop, forced.valid
+    assert out.audio_logits is not None
     K = out.audio_logits.shape[1]
-    index = torch.arange(start, end, device=lens_t.device)
-    valid = index[None] < lens_t[:, None]                                   # [B, n]
-    # Targets were range-checked once by `_as_batch`: no check here (it would sync the device).
+    # Targets were range-checked once by `batch_codes`: no check here (it would sync the device).
     ce = audio_cross_entropy(out.audio_logits, targets_all[:, :, start:end], first_codebook_weight,
                              mask=valid[:, None], check_targets=False)
     finite_logits = torch.isfinite(out.audio_logits).all(dim=-1)           # [B, K, n]

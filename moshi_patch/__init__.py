@@ -9,7 +9,8 @@ from .compat import SUPPORTED_MOSHI, check_moshi_version
 check_moshi_version("moshi_patch", SUPPORTED_MOSHI)
 
 from .lm import ChunkStats, LMGen, StepLogits  # noqa: E402
+from .driver import ForcedChunk, TeacherForcing, teacher_force  # noqa: E402
 
 __version__ = "0.2.0.dev0"
 
-__all__ = ["ChunkStats", "LMGen", "StepLogits", "__version__"]
+__all__ = ["ChunkStats", "ForcedChunk", "LMGen", "StepLogits", "TeacherForcing", "__version__", "teacher_force"]

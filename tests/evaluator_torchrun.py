@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from checkpoint_factory import load_tiny_checkpoint  # noqa: E402
+from helpers.checkpoint_factory import load_tiny_checkpoint  # noqa: E402
 from moshi_eval import LibriLightConfig, LibriLightEvaluator, LikelihoodConfig, LikelihoodEvaluator  # noqa: E402
 
 

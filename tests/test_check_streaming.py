@@ -16,7 +16,7 @@ from moshi_patch import LMGen
 from moshi_patch.chunking import MultiFrameStreamingError
 from moshi_patch.ttt import TTTLinear, add_ttt_layers, ttt_layers
 
-from lm_factory import make_lm
+from helpers.lm_factory import make_lm, ttt_lm
 
 
 class ForgetfulTTT(TTTLinear):
@@ -29,9 +29,7 @@ class ForgetfulTTT(TTTLinear):
 
 
 def tiny_ttt_lm(forgetful: bool = False, **kwargs):
-    lm = make_lm(context=8, num_layers=2, dim=32, **kwargs)
-    torch.manual_seed(0)
-    add_ttt_layers(lm, [0, 1], mini_batch_size=4)
+    lm = ttt_lm(context=8, ttt_seed=0, **kwargs)
     if forgetful:
         for block in ttt_layers(lm):
             block.__class__ = ForgetfulTTT

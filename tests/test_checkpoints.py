@@ -11,8 +11,8 @@ from moshi.models import loaders
 from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
 from safetensors.torch import load_file, save_file
 
-from checkpoint_factory import write_tiny_checkpoint
-from lm_factory import random_codes
+from helpers.checkpoint_factory import write_tiny_checkpoint
+from helpers.lm_factory import random_codes
 from moshi_eval.checkpoint import CheckpointError, resolve_checkpoint
 from moshi_eval.cli import build_parser, main
 from moshi_eval.hashing import FileHasher

@@ -4,77 +4,34 @@ import pytest
 import torch
 
 from moshi.modules.streaming import State, StreamingModule
-from moshi_patch import LMGen
+from moshi_patch import LMGen, TeacherForcing
 from moshi_patch.chunking import MultiFrameStreamingError
-from moshi_patch.ttt import TTTLinear, add_ttt_layers
+from moshi_patch.ttt import TTTLinear
 
-from lm_factory import make_lm, random_codes, user_frame
-
-ATOL = 1e-4
+from helpers.lm_factory import assert_close, make_lm, random_codes, stream_teacher_forced, ttt_lm
 
 
 def chunk_inputs(lm, codes: torch.Tensor, start: int, frames: int, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """User tokens `[B, Ku, frames]` and forced tokens `[B, 1 + dep_q, frames]` of steps `start ..`.
-
-    Frames past the end of `codes` (flushing the delays) force "no input" (-1) in the audio stream, the
-    text stream is forced to the codes (`text="forced"`) or left to the model (`"predicted"`).
-    """
-    B, _, T = codes.shape
-    dep_q = lm.dep_q
-    forced = torch.full((B, 1 + dep_q, frames), lm.zero_token_id, dtype=torch.long)
-    stop = min(T, start + frames)
-    if stop > start:
-        forced[:, :, :stop - start] = codes[:, :1 + dep_q, start:stop]
-    if text == "predicted":
-        forced[:, 0] = lm.ungenerated_token_id
-    user = torch.cat([user_frame(codes, dep_q, start + j) for j in range(frames)], dim=2)
-    return user, forced
+    """User tokens `[B, Ku, frames]` and forced tokens `[B, 1 + dep_q, frames]` of steps `start ..` that
+    teacher force `codes [B, K, T]`, the text forced to the codes (`text="forced"`) or left to the model
+    (`"predicted"`)."""
+    plan = TeacherForcing(lm, codes[:, 1:1 + lm.dep_q], text=codes[:, 0] if text == "forced" else text,
+                          user=codes[:, 1 + lm.dep_q:])
+    return plan.inputs(start, frames)
 
 
 def stream(lm_gen: LMGen, codes: torch.Tensor, schedule: list[int], text: str = "forced"):
     """Streams `codes` through `step_with_logits` with calls of `schedule[i]` frames (the last one repeated
     until `T + max_delay` steps). Returns text logits, audio logits and tokens of frames 0 .. T - 1."""
-    lm = lm_gen.lm_model
-    B, _, T = codes.shape
-    total = T + lm_gen.max_delay
-    outs = []
-    with lm_gen.streaming(B):
-        step, i = 0, 0
-        while step < total:
-            frames = min(schedule[min(i, len(schedule) - 1)], total - step)
-            out = lm_gen.step_with_logits(*chunk_inputs(lm, codes, step, frames, text))
-            if out is not None:
-                assert out.tokens.shape[-1] == out.text_logits.shape[2] == out.audio_logits.shape[2]
-                outs.append(out)
-            step += frames
-            i += 1
-    text_logits = torch.cat([o.text_logits for o in outs], 2)[:, :, :T]
-    audio_logits = torch.cat([o.audio_logits for o in outs], 2)[:, :, :T]
-    tokens = torch.cat([o.tokens for o in outs], 2)[:, :, :T]
-    assert text_logits.shape[2] == T
+    text_logits, audio_logits, tokens = stream_teacher_forced(lm_gen, codes, schedule,
+                                                              None if text == "forced" else text)
+    assert text_logits.shape[2] == codes.shape[2]
     return text_logits, audio_logits, tokens
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    assert a.shape == b.shape
-    diff = (a.float() - b.float()).abs()
-    if mask is not None:
-        assert mask.any()
-        diff = diff[mask]
-    assert torch.isfinite(diff).all()
-    assert diff.max().item() < ATOL, diff.max().item()
-
-
-def ttt_model(**kwargs):
-    lm = make_lm(**kwargs)
-    torch.manual_seed(3)
-    # Mini-batches of 3 frames: their boundaries fall inside chunks of 2, 7 and 20 frames.
-    return add_ttt_layers(lm, [0, 1], mini_batch_size=3)
 
 
 MODELS = {
     "delay_2_wrap": lambda: make_lm(n_q=6, dep_q=3, max_delay=2, context=5),
-    "ttt": lambda: ttt_model(n_q=6, dep_q=3, max_delay=2, context=5),
+    "ttt": lambda: ttt_lm(n_q=6, dep_q=3, max_delay=2, context=5, mini_batch_size=3),
 }
 
 
@@ -116,7 +73,7 @@ def test_predicted_text_chunks_equal_one_frame_and_replay(model: str, chunk: int
 def test_state_continues_across_chunks_and_single_frames() -> None:
     """Chunks, then one-frame calls, then chunks again (the KV caches are widened mid-stream, keeping what
     they hold): the same as one frame per call throughout."""
-    lm = ttt_model(n_q=6, dep_q=3, max_delay=2, context=6)
+    lm = ttt_lm(n_q=6, dep_q=3, max_delay=2, context=6, mini_batch_size=3)
     codes = random_codes(lm, 2, 40, seed=8)
     schedule = [4, 5, 1, 1, 1, 3, 1, 9, 2, 1, 7]
     for text_mode in ("forced", "predicted"):
@@ -247,7 +204,6 @@ def test_model_without_depformer_chunks() -> None:
 
 def test_parallel_path_is_used_when_all_audio_is_forced(monkeypatch) -> None:
     """One frame per call: the parallel depformer runs exactly at the steps whose audio is all forced."""
-    from lm_factory import stream_teacher_forced
     lm = make_lm()
     calls = {"parallel": 0, "sequential": 0}
     sequential, parallel = LMGen._depformer_step_with_logits, LMGen._parallel_depformer_logits
@@ -261,9 +217,9 @@ def test_parallel_path_is_used_when_all_audio_is_forced(monkeypatch) -> None:
     monkeypatch.setattr(LMGen, "_depformer_step_with_logits", count("sequential", sequential))
     monkeypatch.setattr(LMGen, "_parallel_depformer_logits", count("parallel", parallel))
     stream_teacher_forced(LMGen(lm, use_sampling=False), random_codes(lm, 2, 10))
-    # Step 0 produces frame -1 of the delayed codebooks (nothing to force) and the flush step forces
-    # nothing: every other step has all its audio forced.
-    assert calls == {"sequential": 2, "parallel": 9}
+    # Step 0 produces frame -1 of the delayed codebooks (nothing to force): every other step has all its
+    # audio forced (the flush step forces "no input", -1).
+    assert calls == {"sequential": 1, "parallel": 10}
 
 
 @pytest.mark.parametrize("chunk", [1, 4])

@@ -14,20 +14,16 @@ import torch.nn.functional as F
 from moshi.utils.compile import no_compile
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import FAST, librilight_args, make_world, results, sequences, sigterm_after_first_book
-from checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
+from helpers.cli_helpers import FAST, librilight_args, results, sequences, sigterm_after_first_book
+from helpers.checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
 from moshi_eval import report
 from moshi_eval.cli import main
 from moshi_eval.codes import encode_book
 from moshi_eval.data import DataError, discover_books
+from moshi_eval.errors import EXIT_ERROR, EXIT_USAGE
 from moshi_eval.scoring import DEFAULT_CHUNK
 
 _results, _npz = results, sequences
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("cli"))
 
 
 def _run(world, out, *extra, audio=None, ckpt_args=None):
@@ -68,8 +64,8 @@ def test_librilight_outputs_consistent_and_cache_hit(world, capsys):
     assert len(res["metrics"]["codebook_ce"]) == 8
     rows = list(csv.DictReader((out / "curve.csv").open()))
     assert len(rows) == max(frames.values())
-    assert [int(r["num_sequences"]) for r in rows] == [sum(1 for T in frames.values() if T > t)
-                                                         for t in range(len(rows))]
+    reaching = [sum(1 for T in frames.values() if T > t) for t in range(len(rows))]
+    assert [int(r["num_sequences"]) for r in rows] == reaching
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert res["runtime"]["code_cache"]["misses"] == 6
 
@@ -192,10 +188,10 @@ def test_unreadable_book_skipped_or_strict(world, capsys):
 
 
 def test_bad_inputs_give_clear_errors(world, tmp_path, capsys):
-    def fails(match, *extra, **kw):
+    def fails(match, *extra, exit_code=EXIT_ERROR, **kw):
         code, _ = _run(world, tmp_path / f"out{len(os.listdir(tmp_path))}", *extra, **kw)
         err = capsys.readouterr().err
-        assert code == 1, err
+        assert code == exit_code, err
         assert match in err, err
         assert "Traceback" not in err
 
@@ -206,7 +202,7 @@ def test_bad_inputs_give_clear_errors(world, tmp_path, capsys):
     (tmp_path / "noaudio" / "spk" / "book" / "notes.txt").write_text("x")
     fails("no audio files", audio=tmp_path / "noaudio")
     fails("every book is shorter than --min-frames 500", "--min-frames", "500")
-    fails("larger than --max-frames", "--min-frames", "50", "--max-frames", "10")
+    fails("larger than --max-frames", "--min-frames", "50", "--max-frames", "10", exit_code=EXIT_USAGE)
     fails("no checkpoint: give --hf-repo", ckpt_args=["--moshi-weight", str(world["ckpt"]["moshi_weights"])])
     fails("--moshi-weight: no such file",
           ckpt_args=["--config", str(world["ckpt"]["config_path"]), "--moshi-weight", str(tmp_path / "x"),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint_factory import make_tiny_mimi, synthetic_speechlike, write_flac, write_librilight_folder
+from helpers.checkpoint_factory import make_tiny_mimi, synthetic_speechlike, write_flac, write_librilight_folder
 from moshi_eval import codes as codes_mod
 from moshi_eval.codes import CodeCache, codec_identity, encode_audio, encode_book, silence_codes
 from moshi_eval.data import AudioReadError, discover_books, read_audio

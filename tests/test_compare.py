@@ -10,6 +10,7 @@ import pytest
 from moshi_eval import report
 from moshi_eval.cli import main, run_names
 from moshi_eval.compare import CompareError, compare, load_run
+from moshi_eval.errors import EXIT_USAGE
 from moshi_eval.lock import OutputLock
 
 
@@ -201,7 +202,7 @@ def test_run_folders_of_the_same_name_get_distinct_names(tmp_path, capsys):
     assert run_names([tmp_path / "x", tmp_path / "y"]) == ["x", "y"]
     assert main(_args([a, b], tmp_path / "cmp")) == 0
     assert "ttt/run - base/run" in capsys.readouterr().out
-    assert main(_args([a, b], tmp_path / "cmp", "--names", "one,one")) == 1
+    assert main(_args([a, b], tmp_path / "cmp", "--names", "one,one")) == EXIT_USAGE
     assert "--names: expected 2 distinct" in capsys.readouterr().err
 
 
@@ -229,7 +230,7 @@ def test_compare_out_naming_a_file_is_a_message(tmp_path, capsys):
     b = fake_run(tmp_path / "b", books, {k: k for k in books})
     target = tmp_path / "results.txt"
     target.write_text("keep me")
-    assert main(_args([a, b], target)) == 1
+    assert main(_args([a, b], target)) == EXIT_USAGE
     err = capsys.readouterr().err
     assert f"--out {target} exists and is not a directory" in err and "Traceback" not in err
     assert target.read_text() == "keep me"

@@ -6,7 +6,7 @@ import wave
 import numpy as np
 import pytest
 
-from checkpoint_factory import write_flac, write_librilight_folder
+from helpers.checkpoint_factory import write_flac, write_librilight_folder
 from moshi_eval.data import (AudioReadError, Book, DataError, book_seconds, discover_books, natural_key,
                              read_audio, resample, select_books)
 

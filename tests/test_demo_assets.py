@@ -1,4 +1,4 @@
-"""moshi_eval.demo (shipped audiobook, demo models) and tests/checkpoint_factory (moshi's real loader)."""
+"""moshi_eval.demo (shipped audiobook, demo models) and tests/helpers/checkpoint_factory (moshi's real loader)."""
 import json
 
 import numpy as np
@@ -9,8 +9,8 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from safetensors.torch import load_file
 
-from checkpoint_factory import (load_tiny_checkpoint, make_tiny_mimi, write_librilight_folder,
-                                write_tiny_checkpoint)
+from helpers.checkpoint_factory import (load_tiny_checkpoint, make_tiny_mimi, write_librilight_folder,
+                                        write_tiny_checkpoint)
 from moshi_eval.codes import encode_audio
 from moshi_eval.data import discover_books, read_audio
 from moshi_eval.demo import ASSETS_DIR, DEMO_LM_KWARGS, demo_audiobook, demo_lm, demo_mimi

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from checkpoint_factory import write_librilight_folder, write_tiny_checkpoint
+from helpers.cli_helpers import make_world
 from moshi_eval import report
 from moshi_eval.cli import main
 from moshi_eval.distributed import assign
@@ -23,10 +23,8 @@ pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    ckpt = write_tiny_checkpoint(root / "ckpt")
-    audio = write_librilight_folder(root / "libri", books=5, chapters=1, seconds=[2.0, 3.5, 1.5, 3.0, 2.5], seed=3)
-    return {"root": root, "ckpt": ckpt, "audio": audio}
+    """The conftest world with 5 one-chapter books, to split between ranks."""
+    return make_world(tmp_path_factory.mktemp("dist"), books=5, chapters=1, seconds=[2.0, 3.5, 1.5, 3.0, 2.5], seed=3)
 
 
 def _argv(world, out: Path, *extra: str) -> list[str]:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import FAST, librilight_args, make_world, results, sequences
-from checkpoint_factory import load_tiny_checkpoint
+from helpers.cli_helpers import FAST, librilight_args, make_world, results, sequences
+from helpers.checkpoint_factory import load_tiny_checkpoint
 from moshi_eval import LibriLightConfig, LibriLightEvaluator, flat_metrics, report
 from moshi_eval.cli import main
 from moshi_eval.codes import silence_codes

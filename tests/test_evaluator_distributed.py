@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
+from helpers.checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
 from moshi_eval import LibriLightConfig, LibriLightEvaluator
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))

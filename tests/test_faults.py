@@ -14,18 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import librilight_args, make_world, results, sequences, sigterm_after_first_book
-from checkpoint_factory import tiny_mimi_config, write_librilight_folder
+from helpers.cli_helpers import librilight_args, results, sequences, sigterm_after_first_book
+from helpers.checkpoint_factory import tiny_mimi_config, write_librilight_folder
 from moshi_eval import report
 from moshi_eval.cli import main
 from moshi_eval.lock import LOCK_NAME
 
 _args, _results, _npz = librilight_args, results, sequences
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("faults"))
 
 
 def _copy_ckpt_args(world, dest: Path) -> tuple[list[str], Path]:
@@ -298,7 +293,7 @@ def test_demo_on_a_foreign_out_is_refused_before_writing(world, tmp_path, capsys
 
 def test_check_streaming_on_nan_weights_says_nan(capsys, monkeypatch):
     import moshi_eval.check as check
-    from lm_factory import make_lm
+    from helpers.lm_factory import make_lm
 
     def nan_model(seed, device, dtype):
         lm = make_lm(context=8, dim=32)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moshi.models import loaders
 from moshi.utils.compile import no_compile
 
-from checkpoint_factory import make_tiny_mimi, synthetic_speechlike, tiny_lm_config
+from helpers.checkpoint_factory import make_tiny_mimi, synthetic_speechlike, tiny_lm_config
 from moshi_eval.benchmark_data import Pair, load_benchmark
 from moshi_eval.codes import encode_audio, silence_codes
 from moshi_eval.data import DataError, read_audio

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
+from helpers.checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
 from moshi_eval.cli import main
 from moshi_eval.likelihood import LikelihoodConfig, evaluate_likelihood
 from moshi_eval.lock import OutputLock

@@ -13,7 +13,7 @@ import torch
 from moshi.models import loaders
 from moshi.modules.transformer import StreamingMultiheadAttention
 
-from checkpoint_factory import load_tiny_checkpoint, make_tiny_mimi, tiny_lm_config, write_tiny_checkpoint
+from helpers.checkpoint_factory import load_tiny_checkpoint, make_tiny_mimi, tiny_lm_config, write_tiny_checkpoint
 from moshi_eval import (EvalResults, Evaluators, LibriLightConfig, LibriLightEvaluator, LikelihoodConfig,
                         LikelihoodEvaluator, loggers)
 from moshi_eval import likelihood as likelihood_module
@@ -164,7 +164,7 @@ def test_model_state_restored_also_after_an_exception_mid_call(tmp_path):
 
 
 def test_evaluators_merge_librilight_and_likelihood_metrics(world, tmp_path):
-    from checkpoint_factory import write_librilight_folder
+    from helpers.checkpoint_factory import write_librilight_folder
     lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
     audio = write_librilight_folder(tmp_path / "libri", books=2, chapters=1, seconds=[2.0, 1.5], seed=4)
     pairs = demo_minimal_pairs(tmp_path / "pairs")

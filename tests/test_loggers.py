@@ -10,8 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from cli_helpers import make_world
-from checkpoint_factory import load_tiny_checkpoint
+from helpers.cli_helpers import make_world
+from helpers.checkpoint_factory import load_tiny_checkpoint
 from moshi_eval import LibriLightConfig, LibriLightEvaluator, flat_metrics, loggers
 from moshi_eval.cli import main
 

@@ -10,8 +10,8 @@ import pytest
 
 from moshi_eval.cli import main
 
-from checkpoint_factory import write_tiny_checkpoint
-from lm_factory import make_lm
+from helpers.checkpoint_factory import write_tiny_checkpoint
+from helpers.lm_factory import make_lm
 
 
 @pytest.fixture(scope="module")

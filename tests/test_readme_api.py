@@ -48,7 +48,7 @@ def test_chunked_call_example_gives_forward_logits():
     context: its audio logits are those of `LMModel.forward` on the same codes."""
     import torch
     from moshi.utils.compile import no_compile
-    from lm_factory import make_lm
+    from helpers.lm_factory import make_lm
     from moshi_eval.check import random_codes
     from moshi_patch import LMGen
 

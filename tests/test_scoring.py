@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from moshi.utils.compile import no_compile
 
-from lm_factory import make_lm
+from helpers.lm_factory import make_lm
 from moshi_eval.scoring import NonFiniteLossError, score, score_sequences
 from moshi_patch import LMGen
 
@@ -44,17 +44,19 @@ def _forward_ce(model, text: torch.Tensor, audio: torch.Tensor, user: torch.Tens
     return ce, ce.mean(0), (ce * w[:, None]).sum(0) / w.sum()
 
 
+@pytest.mark.parametrize("text_mode", ["pad", "zero"])
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 @pytest.mark.parametrize("max_delay", [1, 2])
-def test_pad_zero_equals_forward_oracle(max_delay, chunk):
-    """text=pad, user=zero: streaming CE == CE of LMModel.forward logits on the same codes, at 1e-4,
-    one frame per call or in chunks (64 > both lengths: one call for the whole batch)."""
+def test_forced_text_zero_user_equals_forward_oracle(max_delay, chunk, text_mode):
+    """text=pad or zero (-1, no text input), user=zero: streaming CE == CE of LMModel.forward logits on the
+    same codes, at 1e-4, one frame per call or in chunks (64 > both lengths: one call for the whole batch)."""
     model = _tiny(max_delay)
     lengths = [23, 37]                                   # different lengths in one batch, > context
     codes = _codes(model, lengths)
     lm_gen = LMGen(model, use_sampling=False)
-    got = {s.index: s for s in score_sequences(lm_gen, codes, user_stream="zero", text="pad",
-                                                progress=False, first_codebook_weight=100., chunk=chunk)}
+    scored = score_sequences(lm_gen, codes, user_stream="zero", text=text_mode, progress=False,
+                             first_codebook_weight=100., chunk=chunk)
+    got = {s.index: s for s in scored}
     assert sorted(got) == [0, 1]
     for i, c in enumerate(codes):
         T = c.shape[1]
@@ -62,7 +64,8 @@ def test_pad_zero_equals_forward_oracle(max_delay, chunk):
         # them to the zero token (-1), which is what forward sees with the codes padded by -1.
         audio = torch.cat([c, torch.full((model.dep_q, max_delay), -1)], dim=1)
         n = audio.shape[1]
-        text = torch.full((n,), model.text_padding_token_id)
+        text_id = model.text_padding_token_id if text_mode == "pad" else model.zero_token_id
+        text = torch.full((n,), text_id)
         user = torch.full((model.n_q - model.dep_q, n), -1)
         ce, plain, weighted = _forward_ce(model, text, audio, user, 100.)
         ce, plain, weighted = ce[:, :T], plain[:T], weighted[:T]
@@ -72,7 +75,7 @@ def test_pad_zero_equals_forward_oracle(max_delay, chunk):
         np.testing.assert_allclose(s.codebook_ce, ce.numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(s.audio_ce, plain.numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(s.audio_ce_weighted, weighted.numpy(), atol=1e-4, rtol=0)
-        assert (s.text_token == model.text_padding_token_id).all()
+        assert (s.text_token == text_id).all()
 
 
 def test_predicted_text_and_silence_user_replay_through_forward():
@@ -109,9 +112,10 @@ def test_chunked_scoring_equals_one_frame_scoring(text, user_stream):
     silence = torch.randint(0, model.card, (8, 4), generator=torch.Generator().manual_seed(2))
     kwargs = dict(user_stream=user_stream, text=text, progress=False,
                   silence=silence if user_stream == "silence" else None)
-    runs = {chunk: {s.index: s for s in score_sequences(LMGen(model, use_sampling=False), codes, chunk=chunk,
-                                                         **kwargs)}
-            for chunk in (1, 7, 64)}
+    runs = {}
+    for chunk in (1, 7, 64):
+        scored = score_sequences(LMGen(model, use_sampling=False), codes, chunk=chunk, **kwargs)
+        runs[chunk] = {s.index: s for s in scored}
     for chunk in (7, 64):
         for i in range(3):
             a, b = runs[1][i], runs[chunk][i]
@@ -120,7 +124,7 @@ def test_chunked_scoring_equals_one_frame_scoring(text, user_stream):
             np.testing.assert_allclose(a.audio_ce_weighted, b.audio_ce_weighted, atol=1e-4, rtol=0)
 
 
-def test_frames_beyond_length_are_never_counted_and_max_frames_truncates():
+def test_frames_beyond_length_are_never_counted():
     model = _tiny()
     codes = _codes(model, [12, 20])
     frames = list(score(LMGen(model, use_sampling=False), codes, user_stream="zero", text="pad",
@@ -131,14 +135,30 @@ def test_frames_beyond_length_are_never_counted_and_max_frames_truncates():
         assert torch.isnan(f.audio_ce[0]) and torch.isnan(f.codebook_ce[0]).all()
         assert f.text_token[0] == -1
         assert torch.isfinite(f.audio_ce[1])
-    # max_frames: the same stream cut at 10 frames. Frame 9's delayed codebooks are conditioned on frame
-    # 10's codebook 0 (now the zero token), so they may differ; all frames before are identical.
-    cut = list(score(LMGen(model, use_sampling=False), codes, user_stream="zero", text="pad",
-                     max_frames=10, progress=False))
-    assert len(cut) == 10
-    for a, b in zip(cut[:9], frames[:9]):
-        torch.testing.assert_close(a.codebook_ce, b.codebook_ce, atol=1e-5, rtol=0)
-    torch.testing.assert_close(cut[9].codebook_ce[:, 0], frames[9].codebook_ce[:, 0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("text", ["pad", "predicted"])
+@pytest.mark.parametrize("chunk", [1, 4])
+@pytest.mark.parametrize("max_delay", [1, 2])
+def test_max_frames_scores_the_kept_frames_as_the_full_run(max_delay, chunk, text):
+    """`max_frames=N`: the per-frame losses are the first N of the full score, the last kept frame's delayed
+    codebooks included (they are conditioned on the frames after N, which still feed the flush)."""
+    model = _tiny(max_delay=max_delay)
+    codes = _codes(model, [12, 20], seed=6)
+    kwargs = dict(user_stream="zero", text=text, progress=False, chunk=chunk)
+    full = {s.index: s for s in score_sequences(LMGen(model, use_sampling=False), codes, **kwargs)}
+    for n in (10, 12):       # the first sequence is cut at 10, and kept whole at 12
+        scored = score_sequences(LMGen(model, use_sampling=False), codes, max_frames=n, **kwargs)
+        cut = {s.index: s for s in scored}
+        for i in (0, 1):
+            kept = min(n, codes[i].shape[1])
+            assert cut[i].num_frames == kept
+            np.testing.assert_allclose(cut[i].codebook_ce, full[i].codebook_ce[:, :kept], atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(cut[i].text_token, full[i].text_token[:kept])
+    # The last kept frame's delayed codebooks do depend on the next frame: cutting the codes themselves
+    # (what a run that drops the frames after N would score) changes them.
+    alone = list(score_sequences(LMGen(model, use_sampling=False), [codes[1][:, :10]], **kwargs))[0]
+    assert np.abs(alone.codebook_ce[1:, 9] - full[1].codebook_ce[1:, 9]).max() > 1e-3
 
 
 def test_padded_tensor_with_lengths_equals_list():

@@ -1,4 +1,5 @@
 """`LMGen.step_with_logits` against independent computations: `LMModel.forward`, replays, upstream `step()`."""
+import contextlib
 import os
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from moshi.models import lm as upstream_lm
 from moshi.models.lm_utils import _delay_sequence
 
-from lm_factory import make_lm, random_codes, stream_teacher_forced, user_frame
+from helpers.lm_factory import make_lm, random_codes
 
 # `MOSHI_PATCH_TEST_LMGEN=upstream`: test `moshi.models.lm.LMGen` of a moshi with the upstream patch applied
 # (tests/test_upstream.py, `python -m moshi_patch.upstream --run-tests`) instead of moshi_patch's subclass.
@@ -20,6 +21,47 @@ else:
                      f"got {LMGEN_UNDER_TEST!r}.")
 
 ATOL = 1e-4
+
+
+# The one independent teacher-forcing loop of the tests, written out by hand so that `step_with_logits` is
+# checked against `LMModel.forward` without `moshi_patch.teacher_force` (which the other tests use, and
+# which must not be imported here: these tests also run on an upstream-patched moshi alone).
+def user_frame(codes: torch.Tensor, dep_q: int, step: int) -> torch.Tensor:
+    """User tokens `[B, n_q - dep_q, 1]` to pass at `step` so that streaming reproduces `LMModel.forward`.
+
+    The user stream passed at step `s` takes the place of frame `s - 1` (what step 0 gets is ignored);
+    past the last frame, the last one is repeated (it only affects frames that are not compared).
+    """
+    T = codes.shape[-1]
+    frame = min(max(step - 1, 0), T - 1)
+    return codes[:, dep_q + 1:, frame:frame + 1]
+
+
+def stream_by_hand(lm_gen, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Streams `codes [B, K, T]` through `lm_gen.step_with_logits` one frame per call, teacher forcing the
+    model's streams.
+
+    Returns the text logits `[B, 1, T, text_card_out]`, audio logits `[B, dep_q, T, card]` (or None) and
+    tokens `[B, 1 + dep_q, T]` of frames 0..T-1, stacked from the per-step outputs. Streams in `lm_gen`'s
+    open stream if it has one (at its first step), else in a new one.
+    """
+    B, K, T = codes.shape
+    dep_q = lm_gen.lm_model.dep_q
+    text, audio, tokens = [], [], []
+    with contextlib.nullcontext() if lm_gen._streaming_state is not None else lm_gen.streaming(B):
+        for step in range(T + lm_gen.max_delay):
+            if step < T:
+                forced = codes[:, :1 + dep_q, step:step + 1]
+            else:  # Flushing the delays: frames past the end are the model's choice, and not compared.
+                forced = torch.full_like(codes[:, :1 + dep_q, :1], -2)
+            out = lm_gen.step_with_logits(user_frame(codes, dep_q, step), forced)
+            if out is None:
+                continue
+            text.append(out.text_logits)
+            tokens.append(out.tokens)
+            if out.audio_logits is not None:
+                audio.append(out.audio_logits)
+    return torch.cat(text, 2), (torch.cat(audio, 2) if audio else None), torch.cat(tokens, 2)
 
 
 def assert_close_where_valid(streamed: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> None:
@@ -52,7 +94,7 @@ def test_teacher_forced_equals_forward(model: str, batch: int, parallel: bool) -
     reference = lm(codes)
     lm_gen = LMGen(lm, use_sampling=False)
     lm_gen.parallel_forced_depformer = parallel
-    text, audio, tokens = stream_teacher_forced(lm_gen, codes)
+    text, audio, tokens = stream_by_hand(lm_gen, codes)
     assert_close_where_valid(text, reference.text_logits, reference.text_mask)
     assert_close_where_valid(audio, reference.logits, reference.mask)
     # Forced tokens are returned as given.
@@ -67,7 +109,7 @@ def test_model_without_depformer_matches_forward_text() -> None:
     delayed = torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)
     with torch.no_grad():
         _, reference = lm.forward_text(delayed[:, :, :-1])
-    text, audio, _ = stream_teacher_forced(LMGen(lm, use_sampling=False), codes)
+    text, audio, _ = stream_by_hand(LMGen(lm, use_sampling=False), codes)
     assert audio is None
     assert_close_where_valid(text, reference, torch.ones(reference.shape[:3], dtype=torch.bool))
 
@@ -203,7 +245,7 @@ def test_exec_mask_masked_steps_never_happened() -> None:
             for b in range(2):
                 frame_of[b] += int(mask[b])
     for b in range(2):
-        alone_text, alone_audio, _ = stream_teacher_forced(LMGen(lm, use_sampling=False), codes[b:b + 1])
+        alone_text, alone_audio, _ = stream_by_hand(LMGen(lm, use_sampling=False), codes[b:b + 1])
         streamed = torch.stack(per_item[b], dim=0)  # [frames returned, dep_q, 1, card]
         valid = ~streamed.isnan().all(-1).all(-1).all(-1)
         got = streamed[valid][:10, :, 0]  # Frames 0..9, [T, dep_q, card]
@@ -217,21 +259,15 @@ def test_reset_streaming_restarts_the_stream() -> None:
     lm = make_lm(n_q=6, dep_q=3, max_delay=2)
     codes = random_codes(lm, 2, 8, seed=9)
     lm_gen = LMGen(lm, use_sampling=False)
-    first = stream_teacher_forced(lm_gen, codes)
+    first = stream_by_hand(lm_gen, codes)
     other = random_codes(lm, 2, 8, seed=10)
     with lm_gen.streaming(2):
         for step in range(5):  # Something else first, then a reset.
             lm_gen.step_with_logits(user_frame(other, lm.dep_q, step), other[:, :1 + lm.dep_q, step:step + 1])
         lm_gen.reset_streaming()
-        text, audio = [], []
-        for step in range(8 + lm_gen.max_delay):
-            forced = codes[:, :1 + lm.dep_q, step:step + 1] if step < 8 else None
-            out = lm_gen.step_with_logits(user_frame(codes, lm.dep_q, step), forced)
-            if out is not None:
-                text.append(out.text_logits)
-                audio.append(out.audio_logits)
-    assert torch.allclose(torch.cat(text, 2), first[0], atol=ATOL, equal_nan=True)
-    assert torch.allclose(torch.cat(audio, 2), first[1], atol=ATOL, equal_nan=True)
+        text, audio, _ = stream_by_hand(lm_gen, codes)     # in the open stream
+    assert torch.allclose(text, first[0], atol=ATOL, equal_nan=True)
+    assert torch.allclose(audio, first[1], atol=ATOL, equal_nan=True)
 
 
 def test_cfg_logits_are_the_cfg_mix() -> None:
@@ -240,7 +276,7 @@ def test_cfg_logits_are_the_cfg_mix() -> None:
     codes = random_codes(lm, 2, 10, seed=6)
     cfg_coef = 2.5
     lm_gen = LMGen(lm, use_sampling=False, cfg_coef=cfg_coef, cfg_is_no_text=True)
-    text, audio, _ = stream_teacher_forced(lm_gen, codes)
+    text, audio, _ = stream_by_hand(lm_gen, codes)
     with torch.no_grad():
         conditioned = lm(codes)
         # Unconditioned: the temporal transformer sees the zero token instead of the text (after the
@@ -268,7 +304,7 @@ def test_cuda_graphed_logits_are_copies() -> None:
     for parallel in (True, False):
         lm_gen = LMGen(lm, use_sampling=False)
         lm_gen.parallel_forced_depformer = parallel
-        text, audio, _ = stream_teacher_forced(lm_gen, codes)
+        text, audio, _ = stream_by_hand(lm_gen, codes)
         assert_close_where_valid(text, reference.text_logits, reference.text_mask)
         assert_close_where_valid(audio, reference.logits, reference.mask)
         # Consecutive frames kept from the graphed buffers must differ.
@@ -379,7 +415,7 @@ import sys, torch
 import moshi, moshi.models.lm
 assert moshi.__file__.endswith(".pyc") and moshi.__file__.startswith(sys.argv[1]), moshi.__file__
 import moshi_patch
-from lm_factory import make_lm, random_codes
+from helpers.lm_factory import make_lm, random_codes
 lm = make_lm()
 codes = random_codes(lm, 1, 4)
 lm_gen = moshi_patch.LMGen(lm, use_sampling=False)

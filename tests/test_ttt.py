@@ -7,7 +7,7 @@ from moshi.utils.compile import no_compile
 
 from moshi_patch.ttt import TTTLinear, add_ttt_layers, ttt_layers
 
-from lm_factory import make_lm
+from helpers.lm_factory import make_lm
 
 DIM, HEADS = 16, 2
 

@@ -8,29 +8,17 @@ import pytest
 import torch
 
 from moshi_eval.check import teacher_forced_logits
-from moshi_patch import LMGen
-from moshi_patch.ttt import add_ttt_layers, ttt_layers
+from moshi_patch import LMGen, TeacherForcing
+from moshi_patch.ttt import ttt_layers
 
-from lm_factory import make_lm, random_codes
+from helpers.lm_factory import assert_close, make_lm, random_codes, stream_teacher_forced, ttt_lm
 
 TOL = 1e-4
 
 
-def ttt_lm(context: int = 8, ttt: bool = True, layers=(0, 1), mini_batch_size: int = 4, **kwargs):
-    lm = make_lm(context=context, num_layers=2, dim=32, **kwargs)
-    if ttt:
-        torch.manual_seed(3)
-        add_ttt_layers(lm, list(layers), mini_batch_size=mini_batch_size)
-    return lm
-
-
-def assert_close_on_mask(streamed: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> float:
-    """streamed, reference: [B, K, T, card]; mask [B, K, T]. Returns the max |diff| over valid positions."""
-    assert mask.any()
-    diff = (streamed.float() - reference.float()).abs()[mask]
-    assert not torch.isnan(diff).any()
-    assert diff.max() < TOL, float(diff.max())
-    return float(diff.max())
+def _lm(context: int = 8, ttt: bool = True, **kwargs):
+    """The tests' TTT model (TTT blocks after both temporal layers) or, with `ttt=False`, the same without."""
+    return ttt_lm(context=context, **kwargs) if ttt else make_lm(context=context)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -38,19 +26,19 @@ def assert_close_on_mask(streamed: torch.Tensor, reference: torch.Tensor, mask: 
     dict(max_delay=2, depformer_multi_linear=True, depformer_weights_per_step=True),
 ])
 def test_teacher_forced_streaming_equals_forward_with_ttt(kwargs):
-    lm = ttt_lm(**kwargs)                   # context 8 < 30 frames: the KV ring buffer wraps
+    lm = _lm(**kwargs)                   # context 8 < 30 frames: the KV ring buffer wraps
     codes = random_codes(lm, 2, 30)
     text, audio = teacher_forced_logits(lm, codes)
     with torch.no_grad():
         ref = lm(codes)
-    assert_close_on_mask(text, ref.text_logits, ref.text_mask)
-    assert_close_on_mask(audio, ref.logits, ref.mask)
+    assert_close(text, ref.text_logits, ref.text_mask)
+    assert_close(audio, ref.logits, ref.mask)
 
 
 @pytest.mark.parametrize("use_sampling", [False, True])
 def test_replay_with_ttt(use_sampling):
     """Nothing forced: feeding the generated tokens back to LMModel.forward reproduces the logits."""
-    lm = ttt_lm()
+    lm = _lm()
     B, T = 2, 24
     user = random_codes(lm, B, T)[:, lm.dep_q + 1:]
     lm_gen = LMGen(lm, use_sampling=use_sampling, temp=1.0, top_k=0)
@@ -67,20 +55,20 @@ def test_replay_with_ttt(use_sampling):
     codes = torch.cat([own, user], dim=1)
     with torch.no_grad():
         ref = lm(codes)
-    assert_close_on_mask(torch.stack(text, 2)[:, :, :T], ref.text_logits, ref.text_mask)
-    assert_close_on_mask(torch.stack(audio, 2)[:, :, :T], ref.logits, ref.mask)
+    assert_close(torch.stack(text, 2)[:, :, :T], ref.text_logits, ref.text_mask)
+    assert_close(torch.stack(audio, 2)[:, :, :T], ref.logits, ref.mask)
 
 
 def test_inner_weights_change_during_a_stream():
-    lm = ttt_lm(mini_batch_size=4)
+    lm = _lm(mini_batch_size=4)
     codes = random_codes(lm, 2, 12)
     lm_gen = LMGen(lm, use_sampling=False)
+    plan = TeacherForcing(lm, codes[:, 1:1 + lm.dep_q], text=codes[:, 0], user=codes[:, lm.dep_q + 1:])
     with lm_gen.streaming(2):
         states = [block._streaming_state for block in ttt_layers(lm)]
         history = []
         for step in range(12):
-            lm_gen.step_with_logits(codes[:, lm.dep_q + 1:, max(step - 1, 0), None],
-                                    codes[:, :1 + lm.dep_q, step, None])
+            lm_gen.step_with_logits(*plan.inputs(step))
             history.append([state.w.clone() for state in states])
         for i, state in enumerate(states):
             # W0 moves exactly at the end of each mini-batch of 4 frames, for every item.
@@ -94,7 +82,7 @@ def beyond_window_gap(ttt: bool) -> tuple[float, float]:
     the first suffix frames (the prefix is still in the attention window) and over the later suffix frames
     whose whole receptive field through the attention window lies inside the suffix."""
     context, prefix_len, suffix_len = 3, 20, 20
-    lm = ttt_lm(context=context, ttt=ttt, mini_batch_size=4)
+    lm = _lm(context=context, ttt=ttt, mini_batch_size=4)
     a = random_codes(lm, 1, prefix_len + suffix_len, seed=1)
     b = random_codes(lm, 1, prefix_len, seed=2)
     text_a, audio_a = teacher_forced_logits(lm, a)
@@ -121,38 +109,34 @@ def test_ttt_state_carries_the_prefix_beyond_the_attention_window():
 def test_fresh_state_workaround_measures_another_model():
     """Resetting the TTT state before every step (what a logits pass that does not carry the streaming
     state amounts to) gives logits far from LMModel.forward, while step_with_logits matches it."""
-    lm = ttt_lm()
+    lm = _lm()
     B, T = 2, 24
     codes = random_codes(lm, B, T)
     with torch.no_grad():
         ref = lm(codes)
-    blocks = ttt_layers(lm)
-    lm_gen = LMGen(lm, use_sampling=False)
-    text, audio = [], []
-    with lm_gen.streaming(B):
-        for step in range(T + lm_gen.max_delay):
-            for block in blocks:
-                block._streaming_state.reset(torch.ones(B, dtype=torch.bool))
-            forced = codes[:, :1 + lm.dep_q, step, None] if step < T else None
-            out = lm_gen.step_with_logits(codes[:, lm.dep_q + 1:, max(min(step - 1, T - 1), 0), None], forced)
-            if out is not None:
-                text.append(out.text_logits[:, :, 0])
-                audio.append(out.audio_logits[:, :, 0])
-    fresh_text, fresh_audio = torch.stack(text, 2)[:, :, :T], torch.stack(audio, 2)[:, :, :T]
+    # Before every step (one frame per call), each TTT block starts from its initial inner weights.
+    handles = [block.register_forward_pre_hook(
+        lambda module, args: module._streaming_state.reset(torch.ones(B, dtype=torch.bool)))
+        for block in ttt_layers(lm)]
+    try:
+        fresh_text, fresh_audio, _ = stream_teacher_forced(LMGen(lm, use_sampling=False), codes)
+    finally:
+        for handle in handles:
+            handle.remove()
     gap = (fresh_audio - ref.logits).abs()[ref.mask]
     text_gap = (fresh_text - ref.text_logits).abs()[ref.text_mask]
     # Measured: audio max 5.7e-2, mean 6.4e-3; text max 9.1e-2, mean 1.0e-2 (step_with_logits: ~1e-6).
     assert gap.max() > 100 * TOL and gap.mean() > 10 * TOL
     assert text_gap.max() > 100 * TOL and text_gap.mean() > 10 * TOL
     streamed_text, streamed_audio = teacher_forced_logits(lm, codes)
-    assert_close_on_mask(streamed_audio, ref.logits, ref.mask)
-    assert_close_on_mask(streamed_text, ref.text_logits, ref.text_mask)
+    assert_close(streamed_audio, ref.logits, ref.mask)
+    assert_close(streamed_text, ref.text_logits, ref.text_mask)
 
 
 def test_exec_mask_and_reset_with_ttt():
     """Item 1 is paused for 3 steps across a mini-batch end, after a reset of item 0 alone: each item's
     logits still equal LMModel.forward on its own codes."""
-    lm = ttt_lm(mini_batch_size=4)
+    lm = _lm(mini_batch_size=4)
     dep_q, T = lm.dep_q, 12
     codes = random_codes(lm, 2, T, seed=4)
     other = random_codes(lm, 2, 5, seed=5)
@@ -162,18 +146,19 @@ def test_exec_mask_and_reset_with_ttt():
     lm_gen = LMGen(lm, use_sampling=False)
     per_item: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     frame_of = [0, 0]
+    before = TeacherForcing(lm, other[:, 1:1 + dep_q], text=other[:, 0], user=other[:, dep_q + 1:])
+    plan = TeacherForcing(lm, codes[:, 1:1 + dep_q], text=codes[:, 0], user=codes[:, dep_q + 1:])
     with lm_gen.streaming(2):
         for step in range(5):      # item 0 has a history that a reset must erase; item 1 starts now
             lm_gen.set_exec_mask(torch.tensor([True, False]))
-            lm_gen.step_with_logits(other[:, dep_q + 1:, max(step - 1, 0), None], other[:, :1 + dep_q, step, None])
+            lm_gen.step_with_logits(*before.inputs(step))
         lm_gen.reset_streaming(torch.tensor([True, False]))
         for step in range(T + len(paused) + lm_gen.max_delay):
             mask = torch.tensor([True, step not in paused])
             lm_gen.set_exec_mask(mask)
-            f = [min(frame_of[b], T - 1) for b in range(2)]
-            forced = torch.stack([codes[b, :1 + dep_q, f[b], None] if frame_of[b] < T
-                                  else torch.full((1 + dep_q, 1), -2) for b in range(2)])
-            user = torch.stack([codes[b, dep_q + 1:, max(min(frame_of[b] - 1, T - 1), 0), None] for b in range(2)])
+            # Each item gets the tokens of its own step (a paused item does not advance).
+            inputs = [plan.inputs(min(frame_of[b], plan.num_steps - 1)) for b in range(2)]
+            user, forced = (torch.stack([inputs[b][i][b] for b in range(2)]) for i in range(2))
             out = lm_gen.step_with_logits(user, forced)
             for b in range(2):
                 if out is not None and mask[b] and frame_of[b] >= lm_gen.max_delay:
@@ -181,4 +166,4 @@ def test_exec_mask_and_reset_with_ttt():
                 frame_of[b] += int(mask[b])
     for b in range(2):
         got = torch.stack(per_item[b][:T], dim=1)                     # [dep_q, T, card]
-        assert_close_on_mask(got[None], ref.logits[b:b + 1], ref.mask[b:b + 1])
+        assert_close(got[None], ref.logits[b:b + 1], ref.mask[b:b + 1])

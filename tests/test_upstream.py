@@ -312,7 +312,7 @@ STEP_TOKENS = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[2])
 from moshi.models.lm import LMGen
-from lm_factory import make_lm, random_codes
+from helpers.lm_factory import make_lm, random_codes
 lm = make_lm(n_q=6, dep_q=3, max_delay=2, context=8)
 user = random_codes(lm, 2, 12, seed=11)[:, 1 + lm.dep_q:]
 lm_gen = LMGen(lm, use_sampling=False)

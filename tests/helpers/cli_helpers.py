@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing as tp
 
 
 def sigterm_after_first_book(argv: list[str], out: Path, timeout: float = 120) -> tuple[int, str]:
@@ -30,11 +31,13 @@ def sigterm_after_first_book(argv: list[str], out: Path, timeout: float = 120) -
 FAST = ["--threads", "1", "--no-progress"]
 
 
-def make_world(root: Path) -> dict:
-    """The tiny checkpoint and 3 books of different lengths (about 56, 38 and 44 frames), 2 chapters each."""
-    from checkpoint_factory import write_librilight_folder, write_tiny_checkpoint
+def make_world(root: Path, **folder: tp.Any) -> dict:
+    """The tiny checkpoint and a LibriLight-layout folder: by default 3 books of different lengths (about 56,
+    38 and 44 frames), 2 chapters each; `folder` overrides the arguments of `write_librilight_folder`."""
+    from .checkpoint_factory import write_librilight_folder, write_tiny_checkpoint
     ckpt = write_tiny_checkpoint(root / "ckpt")
-    audio = write_librilight_folder(root / "libri", books=3, chapters=2, seconds=[2.5, 2.0, 1.5, 1.5, 3.0, 0.5])
+    folder = dict(dict(books=3, chapters=2, seconds=[2.5, 2.0, 1.5, 1.5, 3.0, 0.5]), **folder)
+    audio = write_librilight_folder(root / "libri", **folder)
     return {"root": root, "ckpt": ckpt, "audio": audio, "cache": root / "cache"}
 
 

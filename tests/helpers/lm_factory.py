@@ -68,6 +68,32 @@ def make_lm(
     return model.eval()
 
 
+def ttt_lm(layers: tp.Sequence[int] = (0, 1), mini_batch_size: int = 4, ttt_seed: int = 3,
+           **kwargs: tp.Any) -> LMModel:
+    """`make_lm(**kwargs)` with TTT-Linear blocks after the temporal layers `layers` (initialised from
+    `ttt_seed`): the one TTT model factory of the tests."""
+    from moshi_patch.ttt import add_ttt_layers   # not at import: see the package docstring
+
+    lm = make_lm(**kwargs)
+    torch.manual_seed(ttt_seed)
+    return add_ttt_layers(lm, list(layers), mini_batch_size=mini_batch_size)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None = None,
+                 atol: float = 1e-4) -> float:
+    """`actual` and `expected` (same shape) agree within `atol` at every position of `mask` (broadcast to
+    the leading dimensions; all positions if None), where both must be finite. Returns the max |diff|."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff = (actual.detach().float() - expected.detach().float()).abs()
+    if mask is not None:
+        assert mask.any(), "nothing to compare: the mask is empty"
+        diff = diff[mask]
+    assert torch.isfinite(diff).all(), "non-finite values where the two are compared"
+    worst = float(diff.max())
+    assert worst < atol, worst
+    return worst
+
+
 def random_codes(model: LMModel, batch: int, frames: int, seed: int = 1) -> torch.Tensor:
     """Random valid codes `[B, K, T]`: text in [0, text_card), audio in [0, card)."""
     gen = torch.Generator().manual_seed(seed)
@@ -76,37 +102,21 @@ def random_codes(model: LMModel, batch: int, frames: int, seed: int = 1) -> torc
     return torch.cat([text, audio], dim=1).to(model.device)
 
 
-def user_frame(codes: torch.Tensor, dep_q: int, step: int) -> torch.Tensor:
-    """User tokens `[B, n_q - dep_q, 1]` to pass at `step` so that streaming reproduces `LMModel.forward`.
-
-    The user stream passed at step `s` takes the place of frame `s - 1` (what step 0 gets is ignored);
-    past the last frame, the last one is repeated (it only affects frames that are not compared).
-    """
-    T = codes.shape[-1]
-    frame = min(max(step - 1, 0), T - 1)
-    return codes[:, dep_q + 1:, frame:frame + 1]
-
-
-def stream_teacher_forced(lm_gen, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Streams `codes [B, K, T]` through `lm_gen.step_with_logits`, teacher forcing the model's streams.
+def stream_teacher_forced(lm_gen, codes: torch.Tensor, chunk: int | list[int] = 1, text: str | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Streams `codes [B, K, T]` (the layout of `LMModel.forward`) through `moshi_patch.teacher_force`,
+    `chunk` frames per call: the codes' text (or the text mode `text`), audio and user streams.
 
     Returns the text logits `[B, 1, T, text_card_out]`, audio logits `[B, dep_q, T, card]` (or None) and
-    tokens `[B, 1 + dep_q, T]` of frames 0..T-1, stacked from the per-step outputs.
+    tokens `[B, 1 + dep_q, T]` of frames 0..T-1, stacked from the calls' outputs.
     """
-    B, K, T = codes.shape
+    from moshi_patch import teacher_force   # not at import: tests of an upstream-patched moshi import this module
+
     dep_q = lm_gen.lm_model.dep_q
-    text, audio, tokens = [], [], []
-    with lm_gen.streaming(B):
-        for step in range(T + lm_gen.max_delay):
-            if step < T:
-                forced = codes[:, :1 + dep_q, step:step + 1]
-            else:  # Flushing the delays: frames past the end are the model's choice, and not compared.
-                forced = torch.full_like(codes[:, :1 + dep_q, :1], -2)
-            out = lm_gen.step_with_logits(user_frame(codes, dep_q, step), forced)
-            if out is None:
-                continue
-            text.append(out.text_logits)
-            tokens.append(out.tokens)
-            if out.audio_logits is not None:
-                audio.append(out.audio_logits)
-    return torch.cat(text, 2), (torch.cat(audio, 2) if audio else None), torch.cat(tokens, 2)
+    chunks = list(teacher_force(lm_gen, codes[:, 1:1 + dep_q], text=codes[:, 0] if text is None else text,
+                                user=codes[:, dep_q + 1:], chunk=chunk))
+    for c in chunks:
+        assert c.logits.tokens.shape[-1] == c.logits.text_logits.shape[2] == c.stop - c.start
+    audio = [c.logits.audio_logits for c in chunks if c.logits.audio_logits is not None]
+    return (torch.cat([c.logits.text_logits for c in chunks], 2), torch.cat(audio, 2) if audio else None,
+            torch.cat([c.logits.tokens for c in chunks], 2))
