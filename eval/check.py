@@ -345,28 +345,15 @@ def stream_path(lm_model: LMModel, codes: torch.Tensor, chunk: int, text: str) -
     B, _, T = codes.shape
     dep_q = lm_model.dep_q
     lm_gen = LMGen(lm_model, use_sampling=False)
-    user = codes[:, dep_q + 1:]
-    text_value = {"pad": lm_model.text_padding_token_id, "predicted": lm_model.ungenerated_token_id}.get(text)
     text_logits, audio_logits, tokens = [], [], []
     with lm_gen.streaming(B):
         unstreamed = unstreamed_modules(lm_model)
         before = _attribute_state(lm_model)
-        step = 0
-        while step < T + lm_gen.max_delay:
-            n = min(chunk, T + lm_gen.max_delay - step)
-            forced = torch.full((B, 1 + dep_q, n), lm_model.zero_token_id, dtype=torch.long, device=codes.device)
-            known = codes[:, :1 + dep_q, step:step + n]
-            forced[:, :, :known.shape[-1]] = known
-            if text_value is not None:
-                forced[:, 0] = text_value
-            columns = (torch.arange(step, step + n, device=codes.device) - 1).clamp(0, T - 1)
-            out = lm_gen.step_with_logits(user[:, :, columns], forced)
-            step += n
-            if out is None:
-                continue
-            text_logits.append(out.text_logits)
-            audio_logits.append(out.audio_logits)
-            tokens.append(out.tokens[:, 0])
+        for forced in teacher_force(lm_gen, codes[:, 1:1 + dep_q], text=codes[:, 0] if text == "forced" else text,
+                                    user=codes[:, dep_q + 1:], chunk=chunk):
+            text_logits.append(forced.logits.text_logits)
+            audio_logits.append(forced.logits.audio_logits)
+            tokens.append(forced.logits.tokens[:, 0])
         state_outside = _changed(before, _attribute_state(lm_model))
     return _Streamed(torch.cat(text_logits, dim=2)[:, :, :T], torch.cat(audio_logits, dim=2)[:, :, :T],
                      torch.cat(tokens, dim=-1)[:, :T], unstreamed, state_outside)
