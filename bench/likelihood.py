@@ -24,17 +24,15 @@ import torch.nn.functional as F  # noqa: E402
 from moshi.utils.compile import no_compile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chunk_scoring import MODELS as CHUNK_MODELS  # noqa: E402
 from step_overhead import moshi_like  # noqa: E402
 
-from moshi_eval.demo import demo_lm  # noqa: E402
 from moshi_eval.likelihood import kv_sized_to  # noqa: E402
 from moshi_eval.scoring import DEFAULT_CHUNK, score_sequences  # noqa: E402
 from moshi_patch import LMGen  # noqa: E402
 
 MODELS: dict[str, tp.Callable[[str], tp.Any]] = {
-    "demo": lambda device: demo_lm(0, device=torch.device(device)),
-    "moshi-118M": lambda device: moshi_like(dim=512, num_layers=8, depformer_dim=256, depformer_num_layers=4,
-                                            card=2048, text_card=32000, device=device),
+    **CHUNK_MODELS,    # demo, moshi-118M
     "moshi-7B": lambda device: moshi_like(dim=4096, num_layers=32, depformer_dim=1024, depformer_num_layers=6,
                                           card=2048, text_card=32000, device=device, num_heads=32),
 }

@@ -6,14 +6,13 @@ import os
 import re
 from pathlib import Path
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from helpers.checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
+from helpers.cli_helpers import sigterm_after_first
 from moshi_eval.cli import main
 from moshi_eval.likelihood import LikelihoodConfig, evaluate_likelihood
 from moshi_eval.lock import OutputLock
@@ -80,31 +79,14 @@ def test_bad_layout_exit_code_and_message(world, tmp_path, capsys):
     assert "expected the ZeroSpeech 2021 layout for sblimp: <data>/syntactic/dev/*.wav" in err and "lexical" in err
 
 
-def _popen(argv: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "moshi_eval", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
 def test_resume_after_sigterm_is_bitwise_equal(world, tmp_path):
     full = tmp_path / "full"
     assert main(_argv(world, full, "--batch-size", "2")) == 0
     out = tmp_path / "killed"
-    proc = _popen(_argv(world, out, "--batch-size", "2"))
-    deadline = time.time() + 120
-    try:
-        while not list((out / "items").glob("batch_*.json")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    if proc.returncode == 0:
+    returncode, err = sigterm_after_first(_argv(world, out, "--batch-size", "2"), out, "items/batch_*.json")
+    if returncode == 0:
         pytest.skip("the run finished before the signal arrived")
-    assert proc.returncode == 130 and "Resume with the same command" in err
+    assert returncode == 130 and "Resume with the same command" in err
     done = len(list((out / "items").glob("batch_*.json")))
     assert 1 <= done < 8 and not (out / "results.json").exists()
     assert main(_argv(world, out, "--batch-size", "2")) == 0

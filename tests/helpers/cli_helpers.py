@@ -11,14 +11,20 @@ import typing as tp
 def sigterm_after_first_book(argv: list[str], out: Path, timeout: float = 120) -> tuple[int, str]:
     """Run `python -m moshi_eval *argv`, send SIGTERM as soon as a book file appears in `out/sequences`,
     and return the exit code and stderr."""
-    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    return sigterm_after_first(argv, out, "sequences/*.npz", timeout)
+
+
+def sigterm_after_first(argv: list[str], out: Path, pattern: str, timeout: float = 120) -> tuple[int, str]:
+    """Run `python -m moshi_eval *argv`, send SIGTERM as soon as a file matching `pattern` (a glob below `out`:
+    a finished book, a finished batch) appears, and return the exit code and stderr."""
+    env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "moshi_eval", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + timeout
     try:
-        while not list((out / "sequences").glob("*.npz")):
+        while not list(out.glob(pattern)):
             assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "no book finished in time"
+            assert time.time() < deadline, f"no {pattern} in {out} in time"
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
