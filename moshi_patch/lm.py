@@ -373,6 +373,7 @@ class _ChunkPlan:
     user_input: torch.Tensor  # [B, n_q - dep_q, C] the user's input as given, step by step
     is_init: torch.Tensor     # [B, K, C] steps that read the initial token
     text_free: torch.Tensor   # [B, C]
+    any_text_free: bool       # text_free.any(), known on the CPU: no argmax to take when all text is forced
 
 
 @dataclass
@@ -597,7 +598,7 @@ class LMGen(StepLogitsLMGen):
         user_all = torch.cat([state.cache[:, Km:].gather(2, past_user), input_tokens], dim=2)   # [B, Ku, D + C]
         user = user_all.gather(2, (steps[None] - user_delays[:, None] + D)[None].expand(B, Ku, C))
         is_init = (offsets[:, None, None] + steps) <= delays[:, None]
-        return _ChunkPlan(written, user, input_tokens, is_init, text_free)
+        return _ChunkPlan(written, user, input_tokens, is_init, text_free, bool(flags[1]))
 
     def _chunk_input(self, plan: _ChunkPlan, start: int, stop: int) -> torch.Tensor:
         """Input `[B, K, stop - start]` of the temporal transformer at chunk steps `start .. stop - 1`."""
@@ -647,9 +648,10 @@ class LMGen(StepLogitsLMGen):
             assert text_logits is not None
             transformer_out[:, start:stop] = out
             text_logits[:, start:stop] = logits
-            argmax = sample_token(logits.float(), False)                                  # [B, stop - start]
-            wrong = free[:, start:stop - 1] & (text[:, start:stop - 1] != argmax[:, :-1])
-            text[:, start:stop] = torch.where(free[:, start:stop], argmax, text[:, start:stop])
+            if plan.any_text_free:
+                argmax = sample_token(logits.float(), False)                              # [B, stop - start]
+                wrong = free[:, start:stop - 1] & (text[:, start:stop - 1] != argmax[:, :-1])
+                text[:, start:stop] = torch.where(free[:, start:stop], argmax, text[:, start:stop])
             if snapshot is None:      # No guess was read (one step, or no free text).
                 window = min(C, 2 * window)
                 start = stop
@@ -716,7 +718,11 @@ class LMGen(StepLogitsLMGen):
         text_out = text_all[:, first + delays[0]: C + delays[0]][:, None]
         steps = torch.arange(first, C, device=offsets.device)
         no_frame = (offsets[:, None] + steps) < D                                              # [B, T']
-        text_out = torch.where(no_frame[:, None, :, None], float('nan'), text_out)
+        # Only an item reset within its first `max_delay` steps has no frame here: the NaN copy of the
+        # logits ([B, T', 32000] for the text) is made only then (one sync per chunk).
+        any_no_frame = bool(no_frame.any())
+        if any_no_frame:
+            text_out = torch.where(no_frame[:, None, :, None], float('nan'), text_out)
         audio_out = None
         if audio_logits is not None:
             assert logits_state.audio_logits is not None
@@ -726,7 +732,9 @@ class LMGen(StepLogitsLMGen):
                 past = logits_state.audio_logits[batch, c, (past_steps - d) % ring]
                 both = torch.cat([past, audio_logits[:, c].to(past.dtype)], dim=1)
                 per_codebook.append(both[:, first + d: C + d])
-            audio_out = torch.where(no_frame[:, None, :, None], float('nan'), torch.stack(per_codebook, 1))
+            audio_out = torch.stack(per_codebook, 1)
+            if any_no_frame:
+                audio_out = torch.where(no_frame[:, None, :, None], float('nan'), audio_out)
         index = (steps[None] + self.delays_cuda[:1 + lm_model.dep_q, None] + 1)[None]
         tokens = plan.written.gather(2, index.expand(B, -1, -1))
         tokens = torch.where(no_frame[:, None], lm_model.ungenerated_token_id, tokens)
