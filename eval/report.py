@@ -396,5 +396,6 @@ def curve_figure(sequences: dict[str, np.ndarray], frame_rate: float, context: i
     ax.set_title((title or "per-frame loss against context") + (few if note is not None and band is not None
                                                                 else ""), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # Below the axes: inside, it hid the books' lines or the attention context's label.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     return fig
