@@ -333,8 +333,6 @@ def _changed(before: dict[str, tp.Any], after: dict[str, tp.Any]) -> list[str]:
 class _Streamed:
     text_logits: torch.Tensor                  # [B, 1, T, text_card]
     audio_logits: torch.Tensor                 # [B, dep_q, T, card]
-    text_tokens: torch.Tensor                  # [B, T]
-    unstreamed: list[str]
     state_outside: list[str]
 
 
@@ -345,18 +343,16 @@ def stream_path(lm_model: LMModel, codes: torch.Tensor, chunk: int, text: str) -
     B, _, T = codes.shape
     dep_q = lm_model.dep_q
     lm_gen = LMGen(lm_model, use_sampling=False)
-    text_logits, audio_logits, tokens = [], [], []
+    text_logits, audio_logits = [], []
     with lm_gen.streaming(B):
-        unstreamed = unstreamed_modules(lm_model)
         before = _attribute_state(lm_model)
         for forced in teacher_force(lm_gen, codes[:, 1:1 + dep_q], text=codes[:, 0] if text == "forced" else text,
                                     user=codes[:, dep_q + 1:], chunk=chunk):
             text_logits.append(forced.logits.text_logits)
             audio_logits.append(forced.logits.audio_logits)
-            tokens.append(forced.logits.tokens[:, 0])
         state_outside = _changed(before, _attribute_state(lm_model))
     return _Streamed(torch.cat(text_logits, dim=2)[:, :, :T], torch.cat(audio_logits, dim=2)[:, :, :T],
-                     torch.cat(tokens, dim=-1)[:, :T], unstreamed, state_outside)
+                     state_outside)
 
 
 def check_path(lm_model: LMModel, codes: torch.Tensor, chunk: int, text: str, tolerance: float) -> PathCheck:

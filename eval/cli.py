@@ -281,10 +281,7 @@ def run_likelihood(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    previous = None
-    if threading.current_thread() is threading.main_thread():   # SIGTERM stops between two calls, as Ctrl-C
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    try:     # SIGTERM raises KeyboardInterrupt too: `main` installs the handler for every command
         likelihood_run(config, args.out, resolved.load, resolved.identity, command_line(args.argv), hasher)
         _log_run(args.out, args)
     except KeyboardInterrupt:
@@ -293,8 +290,6 @@ def run_likelihood(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         torch.set_num_threads(threads)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -43,13 +43,15 @@ from moshi_patch import LMGen
 
 from . import distributed, report
 from .atomic import atomic_write
-from .benchmark_data import TASKS, ZEROSPEECH_PART, BenchmarkData, Pair, load_benchmark
+from .benchmark_data import SPLITS, TASKS, ZEROSPEECH_PART, BenchmarkData, Pair, load_benchmark
+from .checkpoint import check_codec_fits
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, LEVEL, paired_bootstrap
 from .codes import CodeCache, codec_identity, encode_audio, silence_codes
 from .data import AudioReadError, DataError, read_audio
 from .hashing import FileHasher
 from .lock import OutputLock
 from .model_call import caller_ranks, check_model, on_every_rank, score_model
+from .run import SILENCE_FRAMES      # the user stream's silence, as the LibriLight run encodes it
 from .scoring import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS, score_sequences
 from .errors import EXIT_USAGE, MoshiEvalError
 
@@ -59,7 +61,6 @@ PRIMARY_WHY = ("sum: the official ZeroSpeech 2021 scorer compares the submitted 
                "lm-evaluation-harness's acc compares summed log-likelihoods; mean (per token, slamkit's default) is "
                "reported beside it as accuracy_per_token")
 FREQUENCY_BANDS = ((0, 1, "oov"), (1, 5, "1-5"), (5, 20, "6-20"), (20, 100, "21-100"), (100, math.inf, ">100"))
-SILENCE_FRAMES = 160        # as the LibriLight run: later user frames repeat the last one
 ITEMS_DIR = "items"
 ITEMS_CSV = "items.csv"
 PAIRS_CSV = "pairs.csv"
@@ -100,11 +101,14 @@ class LikelihoodConfig:
             bad("text", f"one of {TEXT_MODES}")
         if self.user_stream not in USER_STREAMS:
             bad("user_stream", f"one of {USER_STREAMS}")
+        if self.split not in SPLITS:
+            bad("split", f"one of {SPLITS}")
         for name in ("batch_size", "chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(name, "a positive integer")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+        if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool)
+                                       or self.limit < 1):
             bad("limit", "None or a positive integer")
         if not isinstance(self.bootstrap, int) or self.bootstrap < 0:
             bad("bootstrap", "an integer >= 0")
@@ -424,7 +428,6 @@ class _Encoded:
     codes: list[torch.Tensor]
     keys: list[str]
     skipped: list[dict]
-    seconds: float
 
 
 class LikelihoodEvaluator:
@@ -480,7 +483,6 @@ class LikelihoodEvaluator:
         self._encoded: dict[int, _Encoded] = {}
         self._keep = encode
         self._silence: torch.Tensor | None = None
-        self.encode_seconds = 0.0
         if config.user_stream == "silence":
             self._silence = silence_codes(mimi, SILENCE_FRAMES)
         if encode:
@@ -491,7 +493,6 @@ class LikelihoodEvaluator:
         done = self._encoded.get(index)
         if done is not None:
             return done
-        t0 = time.perf_counter()
         codes, keys, skipped = [], [], []
         for k in self.batches[index]:
             path = self.data.files[k]
@@ -508,9 +509,7 @@ class LikelihoodEvaluator:
                 continue
             codes.append(c)
             keys.append(k)
-        seconds = time.perf_counter() - t0
-        self.encode_seconds += seconds
-        done = _Encoded(codes, keys, skipped, seconds)
+        done = _Encoded(codes, keys, skipped)
         if self._keep:
             self._encoded[index] = done
         return done
@@ -521,9 +520,11 @@ class LikelihoodEvaluator:
 
         Raises:
             TypeError / ValueError: not an LMModel / streaming already; NonFiniteLossError: a NaN/inf loss;
-            DataError: nothing could be scored; RankFailedError: another rank failed (named).
+            DataError: nothing could be scored; RankFailedError: another rank failed (named);
+            CheckpointError: `mimi`'s codes do not fit the model.
         """
         check_model(lm_model)
+        check_codec_fits(lm_model, self.mimi)    # as LibriLightEvaluator: a named error, not a slice of the codes
         start = time.perf_counter()
         gathered = self.ranks.gather(score_model(self.ranks, lm_model, lambda: self._score(lm_model, store)))
         scores: dict[str, ItemScore] = {}
@@ -576,7 +577,9 @@ class LikelihoodEvaluator:
                     counts["files_resumed"] += len(keys)
                     bar.update(len(keys))
                     continue
-                encoded = self._encode(index)
+                t0 = time.perf_counter()
+                encoded = self._encode(index)     # from memory when prepared: this call's encoding time only
+                counts["encode_seconds"] += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 codes = [c[:K] for c in encoded.codes]
                 batch_scores = []
@@ -592,7 +595,6 @@ class LikelihoodEvaluator:
                                                       float(-ce.sum())))
                         bar.update(1)
                 bar.update(len(encoded.skipped))
-                counts["encode_seconds"] += encoded.seconds
                 counts["score_seconds"] += time.perf_counter() - t1
                 counts["files_scored_this_run"] += len(batch_scores)
                 counts["frames"] += sum(s.frames for s in batch_scores)

@@ -96,11 +96,6 @@ def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
     return removed
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a result file, as results.json records the files it was written with."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def write_json_atomic(path: str | Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
 

@@ -39,7 +39,7 @@ from .config import LibriLightConfig, RunConfig
 from .codes import CodeCache, codec_identity, device_kind, encode_book, encoding_setting, silence_codes
 from .data import AudioReadError, Book, DataError, book_seconds
 from .errors import EXIT_INTERRUPTED, UsageError
-from .hashing import FileHasher
+from .hashing import FileHasher, file_sha256
 from .lock import OutputLock
 from .bootstrap import bootstrap_summary, bucket_band
 from .metrics import summarize
@@ -273,15 +273,16 @@ def _chapter_identity(book: Book, hasher: FileHasher) -> list[dict] | None:
         return None
 
 
-def _load_finished(b: _Book, job: EvalJob) -> str | None:
+def _load_finished(b: _Book, job: EvalJob, digest: str) -> str | None:
     """Keeps in `b` the book's arrays if `--out` holds it scored from the very chapters it has now, under
-    this configuration, for this book. Returns why a book file there is not reused (None otherwise)."""
+    this configuration (`digest`: `config_digest(scoring_config(job))`), for this book. Returns why a book
+    file there is not reused (None otherwise)."""
     b.chapters = _chapter_identity(b.book, job.hasher)
     path = report.sequence_path(job.out, b.sequence_id)
     if not path.is_file():
         return None
     arrays, meta = report.read_sequence(path, with_meta=True)
-    if meta.get("config_sha256") != config_digest(scoring_config(job)):
+    if meta.get("config_sha256") != digest:
         return ("its file was scored under another configuration (another model, --max-frames, options...) "
                 "or comes from another run")
     if meta.get("sequence_id") != b.sequence_id:
@@ -295,7 +296,8 @@ def _load_finished(b: _Book, job: EvalJob) -> str | None:
 def _resume(books: list[_Book], job: EvalJob, resumed: bool, ranks: distributed.Ranks) -> None:
     """Mark the books already scored in `--out` as finished, unless their chapters changed since or their
     file was not scored under this configuration (copied from elsewhere)."""
-    rescored = [(b.sequence_id, why) for b in books if (why := _load_finished(b, job)) is not None]
+    digest = config_digest(scoring_config(job))
+    rescored = [(b.sequence_id, why) for b in books if (why := _load_finished(b, job, digest)) is not None]
     done = sum(b.finished is not None for b in books)
     if resumed and done:
         print(f"moshi-eval: {ranks.tag}resuming in {job.out}: {done} of {len(books)} books already scored.",
@@ -430,9 +432,10 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
     skipped = [entry for r in reports for entry in r.skipped]
     skipped_ids = {entry["sequence_id"] for entry in skipped}
     scored_now = {sid for r in reports for sid in r.scored}
+    digest = config_digest(scoring_config(job))
     for b in books:                      # books of other ranks: read their files
         if b.finished is None and b.sequence_id not in skipped_ids:
-            _load_finished(b, job)
+            _load_finished(b, job, digest)
     finished = [b for b in books if b.sequence_id not in skipped_ids and b.finished is not None]
     if args.min_frames is not None:     # Books scored before, in a run with a lower --min-frames.
         short = [b for b in finished if tp.cast(dict, b.finished)["audio_ce"].shape[0] < args.min_frames]
@@ -458,7 +461,7 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
             audio_ce_mean=float(np.nanmean(s["audio_ce"])),
             audio_ce_weighted_mean=float(np.nanmean(s["audio_ce_weighted"])),
             file=str(report.sequence_path(out, b.sequence_id).relative_to(out)),
-            file_sha256=report.file_digest(report.sequence_path(out, b.sequence_id))))
+            file_sha256=file_sha256(report.sequence_path(out, b.sequence_id))))
     timing = {"scored_frames": sum(r.frames for r in reports),
               "score_seconds": max(r.score_seconds for r in reports),
               "encode_seconds": max(r.encode_seconds for r in reports)}
@@ -478,7 +481,7 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
         "processes": len(reports),
         "chunks": _sum_chunks([r.chunks for r in reports]),
     }
-    config = dict(scoring_config(job), batch_size=args.batch_size, num_books=args.num_books,
+    config = dict(scoring_config(job), num_books=args.num_books,
                   min_frames=args.min_frames, report_at=list(args.report_at), report_window=args.report_window,
                   bucket=args.bucket, strict=args.strict, bootstrap=args.bootstrap,
                   bootstrap_seed=args.bootstrap_seed)
@@ -498,7 +501,7 @@ def _write_results(job: EvalJob, ckpt: LoadedCheckpoint, books: list[_Book], rep
     report.plot_curve(out / report.CURVE_PNG, {sid: s["audio_ce"] for sid, s in sequences.items()},
                       frame_rate, lm_model.context, band=band, log_x=args.log_x, bucket=args.bucket,
                       title=f"audio CE of {len(sequences)} book(s), text={args.text}, user={args.user_stream}")
-    results["files"] = {name: report.file_digest(out / name) for name in (report.CURVE_CSV, report.CURVE_PNG)}
+    results["files"] = {name: file_sha256(out / name) for name in (report.CURVE_CSV, report.CURVE_PNG)}
     report.write_json_atomic(out / report.RESULTS_JSON, results)
     rate = f"{scored / seconds:.1f} frames/s" if scored else "nothing left to score"
     print(f"moshi-eval: {len(sequences)} book(s), {scored} frames scored in {seconds:.1f} s "

@@ -18,7 +18,7 @@ import typing as tp
 
 import numpy as np
 from moshi.utils.compile import no_compile
-from moshi_patch.driver import ForcedChunk, batch_codes, teacher_force
+from moshi_patch.driver import TEXT_MODES, ForcedChunk, batch_codes, teacher_force
 import torch
 from tqdm import tqdm
 
@@ -30,7 +30,6 @@ USER_STREAMS = ("silence", "zero")
 # frames, text forced: 64 frames per call score 19.7x faster than one, 128 frames 22x, 256 no faster; the
 # chunk's logits stay small ([B, 8, 128, 2048] audio, [B, 128, 32000] text).
 DEFAULT_CHUNK = 128
-TEXT_MODES = ("predicted", "pad", "zero")
 
 
 class NonFiniteLossError(MoshiEvalError, RuntimeError):

@@ -240,7 +240,8 @@ def teacher_force(lm_gen: tp.Any, audio: torch.Tensor | tp.Sequence[torch.Tensor
         elif state.offset_cpu != 0 or bool((state.offsets != 0).any()):
             raise ValueError(f"lm_gen is streaming at step {state.offset_cpu}: teacher forcing starts at frame 0, "
                              "call lm_gen.reset_streaming() first.")
-        lens = torch.tensor(plan.lengths)
+        # On the device once: `valid` is then computed there, with no host-to-device copy (a sync) per chunk.
+        lens = torch.tensor(plan.lengths, device=lm_model.device)
         step = i = 0
         while step < plan.num_steps:
             n = min(sizes[min(i, len(sizes) - 1)], plan.num_steps - step)
@@ -251,6 +252,6 @@ def teacher_force(lm_gen: tp.Any, audio: torch.Tensor | tp.Sequence[torch.Tensor
                 continue
             frames = int(out.tokens.shape[2])
             start = step - plan.max_delay - frames      # step s returns frame s - max_delay
-            index = torch.arange(start, start + frames)
-            valid = (index[None] < lens[:, None]).to(out.tokens.device)
+            index = torch.arange(start, start + frames, device=lens.device)
+            valid = index[None] < lens[:, None]
             yield ForcedChunk(start, valid, out)

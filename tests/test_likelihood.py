@@ -3,6 +3,7 @@ bad input. Tiny seeded models, generated audio, no network."""
 import csv
 import json
 from pathlib import Path
+import re
 
 import numpy as np
 import pytest
@@ -390,3 +391,14 @@ def test_kv_sized_to_the_batch_keeps_the_forward_numbers_and_restores_the_contex
         np.testing.assert_allclose(s.log_likelihood, expected, rtol=1e-5, atol=2e-3)
     contexts = {m.context for m in lm.transformer.modules() if isinstance(m, StreamingMultiheadAttention)}
     assert contexts == {200}
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("split", "train", "one of ('dev', 'test')"),        # used to pass, then fail late or not at all
+    ("limit", True, "None or a positive integer"),       # a bool is no count of pairs
+    ("batch_size", 0, "a positive integer"),
+])
+def test_bad_config_values_name_the_field(tmp_path, field, value, expected):
+    from moshi_eval.likelihood import LikelihoodConfigError
+    with pytest.raises(LikelihoodConfigError, match=rf"^{field}: expected {re.escape(expected)}, got {value!r}"):
+        LikelihoodConfig("sblimp", tmp_path, **{field: value}).check()

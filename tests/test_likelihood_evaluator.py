@@ -265,3 +265,14 @@ def test_cli_likelihood_missing_logger_package_stops_before_scoring(world, tmp_p
     err = capsys.readouterr().err
     assert f"{flag} needs the {package} package" in err and f"moshi-patch[{package}]" in err
     assert not out.exists()
+
+
+def test_a_codec_that_does_not_fit_the_model_is_named(world):
+    """A model whose audio stream takes fewer codebooks than the codec gives is refused before any scoring,
+    naming both counts (it used to be scored on a silent slice of the codes)."""
+    from moshi_eval.checkpoint import CheckpointError
+    lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
+    evaluator = LikelihoodEvaluator(mimi, _config(world))
+    lm.dep_q -= 1        # what a model built for fewer codebooks reports
+    with pytest.raises(CheckpointError, match=rf"codec gives {mimi.num_codebooks} codebooks.*dep_q = {lm.dep_q}"):
+        evaluator(lm)
