@@ -1,7 +1,7 @@
 """moshi-patch: Moshi's LMGen with the logits of each streaming step, and a long-context audio eval."""
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -16,7 +16,7 @@ def _version() -> str:
 
 # The dependencies, as literals: .ci/run keys its cached environment on them (not on the rest of this file).
 INSTALL_REQUIRES = [
-    # moshi_patch: 0.2.9 to 0.2.13, moshi_eval: 0.2.12 to 0.2.13 (tests/moshi_matrix.py, moshi_patch/compat.py)
+    # moshi_patch: 0.2.9 to 0.2.13, moshi_eval: 0.2.12 to 0.2.13 (tests/helpers/moshi_matrix.py, moshi_patch/compat.py)
     "moshi>=0.2.9,<=0.2.13",
     "torch>=2.2,<2.10",
     "numpy",
@@ -44,8 +44,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["moshi_patch", "moshi_eval"],
-    package_dir={"moshi_patch": "moshi_patch", "moshi_eval": "eval"},
+    packages=find_packages(include=["moshi_patch", "moshi_patch.*", "moshi_eval", "moshi_eval.*"]),
     package_data={"moshi_eval": ["assets/*"], "moshi_patch": ["pr_tests/*.py"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -1,7 +1,7 @@
 """Frames/s of `moshi_eval` scoring one frame per call against chunks of frames, on the same model, in one run.
 
 For each model it scores the same random codes (teacher-forced audio, zero user stream) with
-`moshi_eval.scoring.score_sequences`:
+`moshi_eval.scoring.sequences.score_sequences`:
   - text `pad` (forced) and text `predicted` (the model's argmax, checked guess by guess in a chunk),
   - `--chunk 1` (one streaming step per frame, the 0.1 path) and each chunk length of `--chunks`,
 and `LMModel.forward` over the whole sequence (the ceiling: no streaming at all). It prints frames/s and
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import moshi_like  # noqa: E402
 
 from moshi_eval.demo import demo_lm  # noqa: E402
-from moshi_eval.scoring import score_sequences  # noqa: E402
+from moshi_eval.scoring.sequences import score_sequences  # noqa: E402
 from moshi_patch import LMGen  # noqa: E402
 
 MODELS: dict[str, tp.Callable[[str], tp.Any]] = {

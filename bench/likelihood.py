@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chunk_scoring import MODELS as CHUNK_MODELS  # noqa: E402
 from step_overhead import moshi_like  # noqa: E402
 
-from moshi_eval.likelihood import kv_sized_to  # noqa: E402
-from moshi_eval.scoring import DEFAULT_CHUNK, score_sequences  # noqa: E402
+from moshi_eval.tasks.likelihood import kv_sized_to  # noqa: E402
+from moshi_eval.scoring.sequences import DEFAULT_CHUNK, score_sequences  # noqa: E402
 from moshi_patch import LMGen  # noqa: E402
 
 MODELS: dict[str, tp.Callable[[str], tp.Any]] = {

@@ -1,6 +1,6 @@
 """Which moshi releases moshi-patch works with, checked when it is imported.
 
-`tests/moshi_matrix.py` runs the oracle tests against each release: `moshi_patch` (`step_with_logits`, chunks,
+`tests/helpers/moshi_matrix.py` runs the oracle tests against each release: `moshi_patch` (`step_with_logits`, chunks,
 TTT) passes them on moshi 0.2.9 to 0.2.13 (0.2.8 lacks `LMGen._step`); `moshi_eval` needs 0.2.12 or newer
 (Mimi configs in `loaders.get_mimi`). Another version fails at import with a message naming it; set
 `MOSHI_PATCH_SKIP_VERSION_CHECK=1` to import anyway (a fork of moshi with its own version number, say), and

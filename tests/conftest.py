@@ -4,6 +4,8 @@
   even on CPU, which costs 20 to 30 s per process; the tests check numbers, not that compilation, and
   moshi reads the variable when it is imported, so it is set before any test module imports moshi.
 - One torch thread: the models are tiny, and on a 2-core machine a second thread only adds contention.
+- `slow`: the marker of the tests that take most of the time: `python -m pytest -q -m "not slow" tests` runs the
+  quick part.
 - `world`: the tiny world of the end-to-end tests, made once per test module: a tiny checkpoint (LM and Mimi
   written as moshi's loaders read them) and a LibriLight-layout folder of 3 books (`helpers.cli_helpers`).
 
@@ -18,6 +20,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the tests that take most of the suite's time (subprocesses, torchrun, "
+                                       "upstream PR rendering); `-m 'not slow'` runs the quick part")
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,13 @@ import shutil
 import numpy as np
 import pytest
 
-from moshi_eval import report
-from moshi_eval.bootstrap import (BookResampler, book_slope_per_1000, book_window_mean, bootstrap_summary,
-                                  paired_bootstrap)
-from moshi_eval.cli import main
-from moshi_eval.compare import CompareError, compare, load_run, markdown_table
-from moshi_eval.metrics import summarize
+from moshi_eval.files import report
+from moshi_eval.files.folder import write_json
+from moshi_eval.stats.bootstrap import (BookResampler, book_slope_per_1000, book_window_mean, bootstrap_summary,
+                                        paired_bootstrap)
+from moshi_eval.cli.commands import main
+from moshi_eval.compare.librilight import CompareError, compare, load_run, markdown_table
+from moshi_eval.stats.metrics import summarize
 
 
 def _books(num: int, seed: int, lengths=(40, 90)) -> list[np.ndarray]:
@@ -102,8 +103,8 @@ def _fake_run(path: Path, books: dict[str, np.ndarray], **config) -> Path:
         entries.append({"sequence_id": sid, "file": str(file.relative_to(path))})
     base = {"text": "predicted", "user_stream": "silence", "max_frames": None, "max_chapters": None,
             "first_codebook_weight": 100.0}
-    report.write_json_atomic(path / "results.json", {"config": dict(base, **config), "books": entries,
-                                                     "model": {"context": 30}, "codec": {"frame_rate": 12.5}})
+    write_json(path / "results.json", {"config": dict(base, **config), "books": entries,
+                                       "model": {"context": 30}, "codec": {"frame_rate": 12.5}})
     return path
 
 
@@ -149,6 +150,7 @@ def test_compare_refuses_runs_scored_differently(tmp_path, capsys):
     assert "Only the model may differ" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_writes_intervals_and_two_demo_runs_compare(tmp_path, capsys):
     outs = []
     for seed, chunk in ((0, "128"), (0, "1"), (1, "128")):
@@ -157,10 +159,10 @@ def test_demo_writes_intervals_and_two_demo_runs_compare(tmp_path, capsys):
                      "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "200", "--log-x", "--chunk", chunk]) == 0
         outs.append(out)
     results = json.loads((outs[0] / "results.json").read_text())
-    boot = results["metrics"]["audio_ce"]["bootstrap"]
+    boot = results["summary"]["audio_ce"]["bootstrap"]
     assert boot["resamples"] == 200 and boot["num_books"] == 2
     assert boot["positions"][0]["point"]["present"] and boot["slope"]["present"]
-    assert "bootstrap" in results["metrics"]["codebook_ce"][3]
+    assert "bootstrap" in results["summary"]["codebook_ce"][3]
     cmp = tmp_path / "cmp"
     # Without --report-at / --report-window: the runs' own (the demo's 125,250,500 +- 25).
     assert main(["compare", *map(str, outs[:2]), "--out", str(cmp), "--bucket", "100", "--bootstrap", "200"]) == 0

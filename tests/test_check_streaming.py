@@ -1,4 +1,4 @@
-"""`moshi-eval check-streaming` (moshi_eval.check): consistent models pass, a layer whose streaming path
+"""`moshi-eval check-streaming` (moshi_eval.scoring.streaming): consistent models pass, a layer whose streaming path
 differs from its sequence path is caught, with the frame where it starts."""
 from dataclasses import dataclass, field
 import math
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import moshi_eval.check as check
-from moshi_eval.check import DIVERGENCE_MEANING, check_streaming
-from moshi_eval.cli import main
-from moshi_eval.scoring import score_sequences
+import moshi_eval.scoring.streaming as check
+import moshi_eval.cli.check_streaming as check_command
+from moshi_eval.scoring.streaming import DIVERGENCE_MEANING, check_streaming
+from moshi_eval.cli.commands import main
+from moshi_eval.scoring.sequences import score_sequences
 from moshi_patch import LMGen
 from moshi_patch.chunking import MultiFrameStreamingError
 from moshi_patch.ttt import TTTLinear, add_ttt_layers, ttt_layers
@@ -89,8 +90,8 @@ def test_cli_demo_model_with_ttt_layers(capsys):
 
 
 def test_cli_exit_1_on_inconsistent_model(capsys, monkeypatch):
-    monkeypatch.setattr(check, "demo_lm", lambda seed, device, dtype: make_lm(context=8, dim=32))
-    monkeypatch.setattr(check, "add_ttt_layers", _forgetful_into)
+    monkeypatch.setattr(check_command, "demo_lm", lambda seed, device, dtype: make_lm(context=8, dim=32))
+    monkeypatch.setattr(check_command, "add_ttt_layers", _forgetful_into)
     code = main(["check-streaming", "--demo", "--ttt-layers", "0", "--frames", "12", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 1, out
@@ -106,7 +107,7 @@ def _forgetful_into(lm, layers, mini_batch_size):
 
 def test_cli_usage_errors(capsys, tmp_path):
     assert main(["check-streaming", "--demo", "--ttt-layers", "0,5", "--frames", "4", "--device", "cpu"]) == 2
-    assert "--ttt-layers 0,5" in capsys.readouterr().err
+    assert "--ttt-layers) 0,5" in capsys.readouterr().err
     assert main(["check-streaming", "--demo", "--frames", "0", "--device", "cpu"]) == 2
     assert "--frames" in capsys.readouterr().err
     # A checkpoint that cannot be loaded is a usage error (2), not an inconsistency (1).
@@ -161,8 +162,8 @@ def test_cli_chunk_with_a_module_that_cannot_take_chunks(capsys, monkeypatch):
                 module._cached_children = None
         return lm
 
-    monkeypatch.setattr(check, "demo_lm", lambda seed, device, dtype: make_lm(context=8, dim=32))
-    monkeypatch.setattr(check, "add_ttt_layers", add_one_frame_layer)
+    monkeypatch.setattr(check_command, "demo_lm", lambda seed, device, dtype: make_lm(context=8, dim=32))
+    monkeypatch.setattr(check_command, "add_ttt_layers", add_one_frame_layer)
     code = main(["check-streaming", "--demo", "--ttt-layers", "0", "--frames", "12", "--device", "cpu",
                  "--chunk", "4"])
     err = capsys.readouterr().err
@@ -224,7 +225,7 @@ def _with_layer(layer, at=1, reset_cache=True, **kwargs):
 
 
 def _eval_losses(lm, codes, chunk, text):
-    """The eval's own scoring (moshi_eval.scoring.score_sequences), an independent path to the check's verdict."""
+    """The eval's own scoring (`scoring.sequences.score_sequences`), an independent path to the check's verdict."""
     return [r.audio_ce for r in score_sequences(LMGen(lm, use_sampling=False), codes, user_stream="zero", text=text,
                                                 chunk=chunk, progress=False)]
 
@@ -273,7 +274,7 @@ def test_a_layer_inserted_after_the_model_streamed_is_flagged():
 
 
 def test_cli_names_the_module_by_default(capsys, monkeypatch):
-    monkeypatch.setattr(check, "demo_lm", lambda seed, device, dtype: _with_layer(AttributeStateLayer()))
+    monkeypatch.setattr(check_command, "demo_lm", lambda seed, device, dtype: _with_layer(AttributeStateLayer()))
     code = main(["check-streaming", "--demo", "--frames", "40", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 1, out

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from helpers.checkpoint_factory import write_tiny_checkpoint
 from helpers.lm_factory import random_codes
 from moshi_eval.checkpoint import CheckpointError, resolve_checkpoint
-from moshi_eval.cli import build_parser, main
-from moshi_eval.hashing import FileHasher
+from moshi_eval.cli.commands import build_parser, main
+from moshi_eval.files.hashing import FileHasher
 from moshi_patch.compat import check_moshi_version
 
 RANK, SCALING = 4, 2.0

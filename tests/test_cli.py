@@ -16,12 +16,12 @@ from safetensors.torch import load_file, save_file
 
 from helpers.cli_helpers import FAST, librilight_args, results, sequences, sigterm_after_first_book
 from helpers.checkpoint_factory import load_tiny_checkpoint, write_librilight_folder, write_tiny_checkpoint
-from moshi_eval import report
-from moshi_eval.cli import main
-from moshi_eval.codes import encode_book
-from moshi_eval.data import DataError, discover_books
+from moshi_eval.files import report
+from moshi_eval.cli.commands import main
+from moshi_eval.data.codes import encode_book
+from moshi_eval.data.librilight import DataError, discover_books
 from moshi_eval.errors import EXIT_ERROR, EXIT_USAGE
-from moshi_eval.scoring import DEFAULT_CHUNK
+from moshi_eval.scoring.sequences import DEFAULT_CHUNK
 
 _results, _npz = results, sequences
 
@@ -56,12 +56,12 @@ def test_librilight_outputs_consistent_and_cache_hit(world, capsys):
     assert res["model"]["context"] == 24 and res["model"]["dep_q"] == 8
     assert res["codec"]["num_codebooks"] == 8
     # Metrics: the mean curve at frame 10 is the mean over the 3 books, frame 5000 absent with a reason.
-    at = res["metrics"]["audio_ce"]["positions"]
+    at = res["summary"]["audio_ce"]["positions"]
     assert at[0]["present"] and at[0]["point_count"] == 3
     assert at[0]["point"] == pytest.approx(np.mean([s["audio_ce"][10] for s in seqs.values()]), abs=1e-5)
     assert at[1]["point_count"] == sum(1 for T in frames.values() if T > 40)
     assert not at[2]["present"] and at[2]["point"] is None and "5000" in at[2]["absent_reason"]
-    assert len(res["metrics"]["codebook_ce"]) == 8
+    assert len(res["summary"]["codebook_ce"]) == 8
     rows = list(csv.DictReader((out / "curve.csv").open()))
     assert len(rows) == max(frames.values())
     reaching = [sum(1 for T in frames.values() if T > t) for t in range(len(rows))]
@@ -147,6 +147,7 @@ def test_oracle_through_cli_and_interrupted_run_resumes(world, monkeypatch, caps
     assert (out / "results.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_finished_books_and_prints_resume_command(world):
     # 3 books of 75 frames: one synthesized chapter, copied (writing FLAC in numpy is the slow part).
     audio = write_librilight_folder(world["root"] / "libri_long", books=1, chapters=1, seconds=6.0, seed=5)
@@ -246,7 +247,7 @@ def test_demo_command(tmp_path, capsys):
 
 def test_min_frames_filters_books_before_counting_them(tmp_path):
     """`--num-books 1 --min-frames N` picks the first book long enough, not the first book then a filter."""
-    from moshi_eval.cli import select_librilight_books
+    from moshi_eval.tasks.librilight import select_librilight_books
     # spk0's book lasts 2 x 1 s = 25 frames, spk1's 2 x 5 s = 125 frames, spk2's 2 x 6 s = 150 frames.
     root = write_librilight_folder(tmp_path / "audio", books=3, chapters=2, seconds=[1, 1, 5, 5, 6, 6])
     args = argparse.Namespace(audio_dir=root, num_books=1, max_chapters=None, min_frames=100)

@@ -1,4 +1,4 @@
-"""moshi_eval.codes: chunked streaming Mimi encoding, silence codes, code cache, book encoding."""
+"""moshi_eval.data.codes: chunked streaming Mimi encoding, silence codes, code cache, book encoding."""
 from pathlib import Path
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers.checkpoint_factory import make_tiny_mimi, synthetic_speechlike, write_flac, write_librilight_folder
-from moshi_eval import codes as codes_mod
-from moshi_eval.codes import CodeCache, codec_identity, encode_audio, encode_book, silence_codes
-from moshi_eval.data import AudioReadError, discover_books, read_audio
+from moshi_eval.data import codes as codes_mod
+from moshi_eval.data.codes import CodeCache, codec_identity, encode_audio, encode_book, silence_codes
+from moshi_eval.data.librilight import AudioReadError, discover_books, read_audio
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_cache_key_includes_the_encoding_chunk_length(mimi, library, tmp_path):
 
 
 def test_encoding_runs_on_a_fixed_thread_count_and_restores_the_callers(mimi, long_wav, monkeypatch):
-    """Issue 16, item 1: Mimi's codes depend on the torch thread count (a nearly tied code flips), so the
+    """Mimi's codes depend on the torch thread count (a nearly tied code flips), so the
     codes of a run depended on --threads and on which run filled the cache. Encoding now runs on
     `ENCODE_THREADS` threads whatever the caller set, and gives the caller's count back."""
     seen = []
@@ -217,7 +217,7 @@ def test_encoding_runs_on_a_fixed_thread_count_and_restores_the_callers(mimi, lo
 
 
 def test_cache_filled_under_another_setting_is_not_used(mimi, library, tmp_path):
-    """Issue 16, item 1: codes encoded on another device (or thread count) are another cache entry."""
+    """Codes encoded on another device (or thread count) are another cache entry."""
     book = discover_books(library)[0]
     path = book.chapters[0].path
     cache = CodeCache(tmp_path / "cache", codec_identity(mimi))
@@ -229,7 +229,7 @@ def test_cache_filled_under_another_setting_is_not_used(mimi, library, tmp_path)
 
 
 def test_valid_entry_of_another_chapter_at_this_key_is_a_miss(mimi, library, tmp_path):
-    """Issue 16, item 7: a valid entry of chapter A copied to chapter B's key was used as B's codes."""
+    """A valid entry of chapter A copied to chapter B's key was used as B's codes."""
     book = discover_books(library)[0]
     a, b = book.chapters[0].path, book.chapters[2].path
     cache = CodeCache(tmp_path / "cache", codec_identity(mimi))

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moshi_eval import report
-from moshi_eval.cli import main, run_names
-from moshi_eval.compare import CompareError, compare, load_run
+from moshi_eval.files import report
+from moshi_eval.files.folder import write_json
+from moshi_eval.cli.commands import main
+from moshi_eval.cli.compare import run_names
+from moshi_eval.compare.librilight import CompareError, compare, load_run
 from moshi_eval.errors import EXIT_USAGE
-from moshi_eval.lock import OutputLock
+from moshi_eval.files.lock import OutputLock
 
 
 def _chapters(audio: str) -> list[dict]:
@@ -38,9 +40,9 @@ def fake_run(path: Path, books: dict[str, np.ndarray], audio: dict[str, str] | N
         entries.append(entry)
     base = {"text": "predicted", "user_stream": "silence", "max_frames": None, "max_chapters": None,
             "first_codebook_weight": 100.0, "audio_dir": "/data", "report_at": [10, 20], "report_window": 3}
-    report.write_json_atomic(path / "results.json", {"config": dict(base, **config), "books": entries,
-                                                     "model": {"context": 30},
-                                                     "codec": {"frame_rate": 12.5, "identity": codec}})
+    write_json(path / "results.json", {"config": dict(base, **config), "books": entries,
+                                       "model": {"context": 30},
+                                       "codec": {"frame_rate": 12.5, "identity": codec}})
     return path
 
 

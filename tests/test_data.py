@@ -1,4 +1,4 @@
-"""moshi_eval.data: LibriLight discovery, selection, audio reading and resampling."""
+"""moshi_eval.data.librilight: LibriLight discovery, selection, audio reading and resampling."""
 import json
 from pathlib import Path
 import wave
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from helpers.checkpoint_factory import write_flac, write_librilight_folder
-from moshi_eval.data import (AudioReadError, Book, DataError, book_seconds, discover_books, natural_key,
-                             read_audio, resample, select_books)
+from moshi_eval.data.librilight import (AudioReadError, Book, DataError, book_seconds, discover_books, natural_key,
+                                        read_audio, resample, select_books)
 
 
 def _touch_flac(path: Path, seconds: float = 0.1, rate: int = 16000) -> Path:
@@ -149,15 +149,16 @@ def test_resample_matches_analytic_sine(src, dst):
 @pytest.mark.parametrize("src", [16000, 22050, 44100, 11025, 32000])
 def test_resample_direct_path_equals_the_polyphase_filter(src):
     """The per-sample path (awkward rates) applies the very filter of the polyphase path (common rates)."""
-    from moshi_eval.data import _resample_direct, _resample_plan
+    from moshi_eval.data.librilight import _resample_direct, _resample_plan
     up, down, width, method = _resample_plan(src, 24000)
     assert method == "polyphase"
     wav = np.random.default_rng(src).standard_normal(src // 3 + 11).astype(np.float32)
     np.testing.assert_allclose(_resample_direct(wav, up, down, width), resample(wav, src, 24000), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resample_awkward_rate_in_bounded_memory(tmp_path):
-    """Issue 16, item 8: 5 s at 22,051 Hz built 2 GB filter banks (4.2 GB arrays, 13 GB peak). Run it in a
+    """5 s at 22,051 Hz built 2 GB filter banks (4.2 GB arrays, 13 GB peak). Run it in a
     process whose address space is capped at 1.5 GB above what torch's import maps."""
     import subprocess
     import sys
@@ -166,7 +167,7 @@ def test_resample_awkward_rate_in_bounded_memory(tmp_path):
         import resource
         import numpy as np
         import torch
-        from moshi_eval.data import resample
+        from moshi_eval.data.librilight import resample
         vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 29), resource.RLIM_INFINITY))
         for src in (22051, 44101, 96001):
@@ -257,7 +258,7 @@ def test_read_audio_errors_name_the_file(tmp_path, kind):
 
 
 def test_nothing_is_dropped_or_doubled_silently(tmp_path, caplog):
-    """Issue 16, item 14: audio at the wrong depth was ignored, `c1.flac` + `c1.wav` counted twice, a linked
+    """Audio at the wrong depth was ignored, `c1.flac` + `c1.wav` counted twice, a linked
     speaker folder counted its books twice, all without a word."""
     import logging
     root = tmp_path / "root"
@@ -268,7 +269,7 @@ def test_nothing_is_dropped_or_doubled_silently(tmp_path, caplog):
     _touch_flac(root / "s1" / "loose.flac")                                    # in a speaker folder
     _touch_flac(root / "stray.flac")                                           # in the root
     (root / "s2").symlink_to(root / "s1", target_is_directory=True)            # a linked speaker folder
-    with caplog.at_level(logging.WARNING, logger="moshi_eval.data"):
+    with caplog.at_level(logging.WARNING, logger="moshi_eval.data.librilight"):
         books = discover_books(root)
     assert [(b.speaker, b.book) for b in books] == [("s1", "b1")]
     assert [c.path.name for c in books[0].chapters] == ["c1.flac", "c2.flac"]
@@ -279,9 +280,9 @@ def test_nothing_is_dropped_or_doubled_silently(tmp_path, caplog):
 
 @pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
 def test_a_chapter_that_is_not_a_regular_file_is_rejected_without_reading_it(tmp_path, kind):
-    """Issue 16, item 9: a link to /dev/zero was hashed forever, a FIFO blocked in sphn.durations."""
+    """A link to /dev/zero was hashed forever, a FIFO blocked in sphn.durations."""
     import os
-    from moshi_eval.hashing import FileHasher
+    from moshi_eval.files.hashing import FileHasher
     book_dir = tmp_path / "s" / "b"
     _touch_flac(book_dir / "c1.flac")
     bad = book_dir / "c2.flac"

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from helpers.checkpoint_factory import (load_tiny_checkpoint, make_tiny_mimi, write_librilight_folder,
                                         write_tiny_checkpoint)
-from moshi_eval.codes import encode_audio
-from moshi_eval.data import discover_books, read_audio
+from moshi_eval.data.codes import encode_audio
+from moshi_eval.data.librilight import discover_books, read_audio
 from moshi_eval.demo import ASSETS_DIR, DEMO_LM_KWARGS, demo_audiobook, demo_lm, demo_mimi
 
 
@@ -136,9 +136,9 @@ def test_write_librilight_folder(tmp_path):
 
 
 def test_demo_rerun_into_the_same_folder_resumes(tmp_path, capsys):
-    """Issue 16, item 17: the demo copied its audiobook again on every run (new mtimes), so a rerun into the
+    """The demo copied its audiobook again on every run (new mtimes), so a rerun into the
     same --out rescored every book ("its chapters changed"). A rerun now resumes; a changed file is restored."""
-    from moshi_eval.cli import main
+    from moshi_eval.cli.commands import main
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--max-chapters", "1", "--max-frames", "40", "--num-books", "1",
             "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--bootstrap", "0"]

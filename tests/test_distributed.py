@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from helpers.cli_helpers import make_world
-from moshi_eval import report
-from moshi_eval.cli import main
+from moshi_eval.files import report
+from moshi_eval.cli.commands import main
 from moshi_eval.distributed import assign
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed")
+pytestmark = [pytest.mark.slow,     # subprocesses: most of the suite's time
+              pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed")]
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,14 @@
 """docs/small_model.md's example runs as written: a small model with a TTT layer streams as LMModel.forward
 computes, and the evaluator scores it."""
 from pathlib import Path
+import pytest
 import re
 
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "small_model.md"
 
 
+@pytest.mark.slow
 def test_small_model_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

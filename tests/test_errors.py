@@ -1,13 +1,14 @@
 """`moshi_eval.errors`: one base class for the eval's errors, and the exit codes `moshi-eval` maps them to."""
 import pytest
 
-from moshi_eval import cli, errors
+from moshi_eval.cli import commands as cli
+from moshi_eval import errors
 from moshi_eval.checkpoint import CheckpointError
-from moshi_eval.compare import CompareError
-from moshi_eval.data import AudioReadError, DataError
-from moshi_eval.lock import OutputBusyError
-from moshi_eval.report import ConfigMismatchError, ReportError
-from moshi_eval.scoring import NonFiniteLossError
+from moshi_eval.compare.librilight import CompareError
+from moshi_eval.data.librilight import AudioReadError, DataError
+from moshi_eval.files.lock import OutputBusyError
+from moshi_eval.files.folder import ConfigMismatchError, ReportError
+from moshi_eval.scoring.sequences import NonFiniteLossError
 
 
 @pytest.mark.parametrize("cls,builtin", [

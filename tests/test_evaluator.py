@@ -9,11 +9,12 @@ import torch
 
 from helpers.cli_helpers import FAST, librilight_args, make_world, results, sequences
 from helpers.checkpoint_factory import load_tiny_checkpoint
-from moshi_eval import LibriLightConfig, LibriLightEvaluator, flat_metrics, report
-from moshi_eval.cli import main
-from moshi_eval.codes import silence_codes
-from moshi_eval.data import DataError
-from moshi_eval.run import SILENCE_FRAMES
+from moshi_eval import LibriLightConfig, LibriLightEvaluator, flat_metrics
+from moshi_eval.files import report
+from moshi_eval.cli.commands import main
+from moshi_eval.data.codes import silence_codes
+from moshi_eval.data.librilight import DataError
+from moshi_eval.data.codes import SILENCE_FRAMES
 
 OPTIONS = ["--batch-size", "2", "--report-at", "10,40,5000", "--report-window", "5", "--bucket", "20",
            "--bootstrap", "200"]
@@ -57,7 +58,7 @@ def test_model_in_memory_equals_cli_bitwise(world, tmp_path, one_thread):
         for name in report.SEQUENCE_ARRAYS:
             np.testing.assert_array_equal(arrays[name], cli_books[sid][name])
     cli_results = results(cli_out)
-    assert result.metrics == flat_metrics(cli_results["metrics"])
+    assert result.metrics == flat_metrics(cli_results["summary"])
     # Names are documented and stable; a report frame no book reaches (5000) is left out, never 0.0.
     assert {"librilight/audio_ce@10", "librilight/audio_ce@40/low", "librilight/audio_ce@40/high",
             "librilight/audio_ce/slope_per_1000", "librilight/codebook_0_ce@10",
@@ -73,7 +74,7 @@ def test_model_in_memory_equals_cli_bitwise(world, tmp_path, one_thread):
 
     written = result.write(tmp_path / "api")
     api_results = report_json = results(tmp_path / "api")
-    assert written == tmp_path / "api" / report.RESULTS_JSON
+    assert written == tmp_path / "api" / "results.json"
     assert api_results["metrics"] == cli_results["metrics"]
     assert report_json["config"]["report_at"] == cli_results["config"]["report_at"]
     assert (tmp_path / "api" / report.CURVE_CSV).read_text() == (cli_out / report.CURVE_CSV).read_text()
@@ -171,7 +172,7 @@ def test_bad_model_and_config_named(world):
 
 
 def test_config_field_names_match_cli_flags():
-    from moshi_eval.cli import build_parser
+    from moshi_eval.cli.commands import build_parser
     parser = build_parser()
     args = parser.parse_args(["librilight", "--audio-dir", "x", "--out", "y", *FAST])
     names = {f.name for f in dataclasses.fields(LibriLightConfig)}
@@ -197,7 +198,7 @@ def test_evaluator_verifies_a_model_with_unknown_streaming_layers(world):
     """As the CLI: a streaming layer the project does not know, whose chunked path differs from one frame per
     call, stops the call with the verdict instead of returning numbers; `verify_streaming=False` skips it."""
     from moshi.modules.streaming import StreamingModule
-    from moshi_eval.check import StreamingCheckError
+    from moshi_eval.scoring.streaming import StreamingCheckError
     from test_check_streaming import AttributeStateLayer
     lm, mimi, _ = load_tiny_checkpoint(world["ckpt"])
     lm.transformer.layers.insert(1, AttributeStateLayer())

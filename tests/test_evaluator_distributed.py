@@ -16,7 +16,8 @@ from helpers.checkpoint_factory import load_tiny_checkpoint, write_librilight_fo
 from moshi_eval import LibriLightConfig, LibriLightEvaluator
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed")
+pytestmark = [pytest.mark.slow,     # subprocesses: most of the suite's time
+              pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed")]
 
 
 def _run_script(tmp_path, spec: dict) -> list[dict]:
@@ -26,7 +27,7 @@ def _run_script(tmp_path, spec: dict) -> list[dict]:
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
-    script = Path(__file__).with_name("evaluator_torchrun.py")
+    script = Path(__file__).with_name("helpers") / "evaluator_torchrun.py"
     proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", str(script), str(path), str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from helpers.cli_helpers import librilight_args, results, sequences, sigterm_after_first_book
 from helpers.checkpoint_factory import tiny_mimi_config, write_librilight_folder
-from moshi_eval import report
-from moshi_eval.cli import main
-from moshi_eval.lock import LOCK_NAME
+from moshi_eval.files import report
+from moshi_eval.cli.commands import main
+from moshi_eval.files.lock import LOCK_NAME
 
 _args, _results, _npz = librilight_args, results, sequences
 
@@ -57,7 +57,7 @@ def _hold_lock(out: Path) -> subprocess.Popen:
     """A process that takes the lock of `out` the way a run does, then waits."""
     code = textwrap.dedent(f"""
         import sys, time
-        from moshi_eval.lock import OutputLock
+        from moshi_eval.files.lock import OutputLock
         with OutputLock(__import__("pathlib").Path({str(out)!r}), "moshi-eval librilight --out {out}"):
             print("locked", flush=True)
             time.sleep(60)
@@ -177,6 +177,7 @@ def test_codec_with_too_few_codebooks_is_a_clear_error(world, capsys):
     assert "codec does not fit the model" in err and "4 codebooks" in err and "AssertionError" not in err
 
 
+@pytest.mark.slow
 def test_sigterm_mid_batch_then_resume_is_bitwise_an_uninterrupted_run(world):
     """Fault 10: SIGTERM once the shorter book of the first batch of two is written, then resume: every
     array and every metric equal those of an uninterrupted run, bit for bit."""
@@ -203,7 +204,8 @@ def test_sigterm_mid_batch_then_resume_is_bitwise_an_uninterrupted_run(world):
 def test_write_failure_names_the_file_and_keeps_finished_books(world, monkeypatch, capsys):
     """A full or read-only --out: the message names the file being written; books written before stay."""
     out = world["root"] / "out_full_disk"
-    real = report._atomic_write
+    from moshi_eval.files import folder
+    real = folder.atomic_write
     writes = []
 
     def fail_second_book(path, write):
@@ -213,7 +215,7 @@ def test_write_failure_names_the_file_and_keeps_finished_books(world, monkeypatc
                 raise OSError(28, "No space left on device")
         return real(path, write)
 
-    monkeypatch.setattr(report, "_atomic_write", fail_second_book)
+    monkeypatch.setattr(folder, "atomic_write", fail_second_book)
     assert main(_args(world, out)) == 1
     err = capsys.readouterr().err
     assert f"cannot write {writes[1]}: No space left on device" in err
@@ -292,7 +294,7 @@ def test_demo_on_a_foreign_out_is_refused_before_writing(world, tmp_path, capsys
 
 
 def test_check_streaming_on_nan_weights_says_nan(capsys, monkeypatch):
-    import moshi_eval.check as check
+    import moshi_eval.cli.check_streaming as check_command
     from helpers.lm_factory import make_lm
 
     def nan_model(seed, device, dtype):
@@ -301,16 +303,16 @@ def test_check_streaming_on_nan_weights_says_nan(capsys, monkeypatch):
             lm.transformer.layers[1].self_attn.out_projs[0].weight[0, 0] = float("nan")
         return lm
 
-    monkeypatch.setattr(check, "demo_lm", nan_model)
+    monkeypatch.setattr(check_command, "demo_lm", nan_model)
     assert main(["check-streaming", "--demo", "--frames", "8", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "NaN" in err and "transformer.layers.1.self_attn.out_projs.0.weight" in err
 
 
 def test_weights_rewritten_with_their_mtime_set_back_get_a_new_digest(tmp_path):
-    """Issue 16, item 7: the digest cache was keyed on (path, size, mtime): a same-size file rewritten in place
+    """The digest cache was keyed on (path, size, mtime): a same-size file rewritten in place
     with its mtime restored (`touch -d`, `cp -p`) kept the old sha256. The inode change time tells."""
-    from moshi_eval.hashing import FileHasher, file_sha256
+    from moshi_eval.files.hashing import FileHasher, file_sha256
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"a" * 4096)
     hasher = FileHasher(tmp_path / "hashes")
@@ -326,14 +328,13 @@ def test_weights_rewritten_with_their_mtime_set_back_get_a_new_digest(tmp_path):
 
 
 def test_book_file_from_another_configuration_is_scored_again(world, capsys):
-    """Issue 16, item 4: a book file of another run (here a --max-frames 20 run's) copied into sequences/ was
-    reused as finished and reported under this run's identity. It is now scored again, and the run says so;
-    a book file whose values were edited (1e30) is refused, naming it."""
+    """A book file of another run (here a --max-frames 20 run's) copied into sequences/ is scored again, and the
+    run says so; a book file whose values were edited (1e30) is refused, naming it."""
     short, full, mixed = (world["root"] / f"out_foreign_{n}" for n in ("short", "full", "mixed"))
     opts = ["--num-books", "2"]
     assert main(_args(world, short, *opts, "--max-frames", "20")) == 0
     assert main(_args(world, full, *opts)) == 0
-    assert main(_args(world, mixed, *opts, "--num-books", "1")) == 0       # a run of the full config, 1 book
+    assert main(_args(world, mixed, *opts)) == 0      # the full config; its book spk1 is then replaced
     foreign = report.sequence_path(short, "spk1__book1")
     shutil.copy(foreign, report.sequence_path(mixed, "spk1__book1"))
     capsys.readouterr()
@@ -357,7 +358,7 @@ def test_book_file_from_another_configuration_is_scored_again(world, capsys):
 
 
 def test_resume_with_another_batch_size_or_device_is_refused(world, capsys):
-    """Issue 16, items 11 and 1: a resume with another --batch-size (numbers differ at rounding level), or of
+    """A resume with another --batch-size (numbers differ at rounding level), or of
     a run made on another device (codes and losses can differ), is refused, naming the setting."""
     out = world["root"] / "out_batch_size"
     assert main(_args(world, out, "--num-books", "1", "--batch-size", "2")) == 0
@@ -374,7 +375,7 @@ def test_resume_with_another_batch_size_or_device_is_refused(world, capsys):
 
 
 def test_stale_temporaries_are_removed_and_results_name_the_files_beside_them(world):
-    """Issue 16, item 12: a run killed during its final writes left `.results.json.*.tmp` files no run
+    """A run killed during its final writes left `.results.json.*.tmp` files no run
     removed, and a results.json that could be newer than curve.csv/png with nothing telling."""
     out = world["root"] / "out_stale_tmp"
     assert main(_args(world, out, "--num-books", "1")) == 0
@@ -391,17 +392,17 @@ def test_stale_temporaries_are_removed_and_results_name_the_files_beside_them(wo
     for book in res["books"]:
         assert book["file_sha256"] == hashlib.sha256((out / book["file"]).read_bytes()).hexdigest()
     # What results.json says about frames is what was scored.
-    audio = res["metrics"]["audio_ce"]
+    audio = res["summary"]["audio_ce"]
     frames = [b["frames"] for b in res["books"]]
     assert audio["longest_book_frames"] == max(frames) and "num_frames" not in audio
     assert audio["frames_scored"] == sum(int(np.isfinite(s["audio_ce"]).sum()) for s in _npz(out).values())
 
 
 def test_sigterm_handler_is_installed_before_any_file_is_touched(world, monkeypatch, capsys):
-    """Issue 16, item 9: the SIGTERM handler was installed by run_eval, after the weights were hashed and the
+    """The SIGTERM handler was installed by run_eval, after the weights were hashed and the
     torchrun rendezvous joined: a SIGTERM there killed the process without a word."""
     import signal
-    from moshi_eval import cli
+    from moshi_eval.cli import commands as cli
     seen = []
 
     def resolve(*args, **kwargs):
@@ -427,7 +428,7 @@ class _Payload:
 
 
 def test_pickled_weights_never_run_code_even_where_torch_load_would(tmp_path, monkeypatch):
-    """Issue 16, item 18: setup.py allows torch 2.2-2.5, whose `torch.load` unpickles anything by default.
+    """Setup.py allows torch 2.2-2.5, whose `torch.load` unpickles anything by default.
     Emulate that default: loading a weight file that runs code is an error naming the file, and runs nothing."""
     from moshi_eval import checkpoint
     marker = tmp_path / "code_ran"
@@ -449,7 +450,7 @@ def test_pickled_weights_never_run_code_even_where_torch_load_would(tmp_path, mo
 
 
 def test_two_books_with_the_same_id_name_both_folders(world, tmp_path, capsys):
-    """Issue 16, item 14: `s/x__y` and `s__x/y` are both book `s__x__y`: the run stopped without naming them."""
+    """`s/x__y` and `s__x/y` are both book `s__x__y`: the run stopped without naming them."""
     audio = tmp_path / "libri_same_id"
     for speaker, book in (("s", "x__y"), ("s__x", "y")):
         (audio / speaker / book).mkdir(parents=True)

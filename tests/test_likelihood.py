@@ -1,4 +1,4 @@
-"""moshi_eval.likelihood: per-file log-likelihoods against LMModel.forward, official aggregation by hand, layouts,
+"""moshi_eval.tasks.likelihood: per-file log-likelihoods against LMModel.forward, official aggregation by hand, layouts,
 bad input. Tiny seeded models, generated audio, no network."""
 import csv
 import json
@@ -14,11 +14,11 @@ from moshi.models import loaders
 from moshi.utils.compile import no_compile
 
 from helpers.checkpoint_factory import make_tiny_mimi, synthetic_speechlike, tiny_lm_config
-from moshi_eval.benchmark_data import Pair, load_benchmark
-from moshi_eval.codes import encode_audio, silence_codes
-from moshi_eval.data import DataError, read_audio
-from moshi_eval.likelihood import (ItemScore, LikelihoodConfig, aggregate, evaluate_likelihood, flat_metrics,
-                                   frequency_band)
+from moshi_eval.data.benchmarks import Pair, load_benchmark
+from moshi_eval.data.codes import encode_audio, silence_codes
+from moshi_eval.data.librilight import DataError, read_audio
+from moshi_eval.tasks.likelihood import (ItemScore, LikelihoodConfig, aggregate, evaluate_likelihood, flat_metrics,
+                                         frequency_band)
 
 SR = 16000
 
@@ -152,7 +152,7 @@ def _s(key, ll, frames=10):
 
 def test_swuggy_aggregation_by_hand():
     """Pairs of one id averaged over voices, then over ids; bands with the official [0,1,5,20,100) bins."""
-    from moshi_eval.benchmark_data import BenchmarkData
+    from moshi_eval.data.benchmarks import BenchmarkData
     pairs = [
         Pair("a1w", "a1n", "a", "v1", {"frequency": "3", "length": "4"}),     # 1
         Pair("a2w", "a2n", "a", "v2", {"frequency": "3", "length": "4"}),     # tie: 0.5 -> id a: 0.75
@@ -190,7 +190,7 @@ def test_frequency_bands_are_the_official_bins():
 
 
 def test_sblimp_aggregation_by_type_and_subtype_by_hand():
-    from moshi_eval.benchmark_data import BenchmarkData
+    from moshi_eval.data.benchmarks import BenchmarkData
     pairs = [Pair("p1", "n1", "1", "v1", {"type": "A", "subtype": "x"}),
              Pair("p2", "n2", "1", "v2", {"type": "A", "subtype": "x"}),
              Pair("p3", "n3", "2", "v1", {"type": "A", "subtype": "y"}),
@@ -207,7 +207,7 @@ def test_sblimp_aggregation_by_type_and_subtype_by_hand():
 
 
 def test_pairs_with_an_unscored_file_are_left_out_never_counted():
-    from moshi_eval.benchmark_data import BenchmarkData
+    from moshi_eval.data.benchmarks import BenchmarkData
     pairs = [Pair("p1", "n1", "1"), Pair("p2", "n2", "2")]
     scores = {"p1": _s("p1", -1.), "n1": _s("n1", -2.), "p2": _s("p2", -1.)}
     data = BenchmarkData("sstorycloze", Path("."), {k: Path(k) for k in ("p1", "n1", "p2", "n2")}, pairs, [])
@@ -395,10 +395,11 @@ def test_kv_sized_to_the_batch_keeps_the_forward_numbers_and_restores_the_contex
 
 @pytest.mark.parametrize("field, value, expected", [
     ("split", "train", "one of ('dev', 'test')"),        # used to pass, then fail late or not at all
-    ("limit", True, "None or a positive integer"),       # a bool is no count of pairs
+    ("limit", True, "a positive integer or None"),       # a bool is no count of pairs
     ("batch_size", 0, "a positive integer"),
 ])
 def test_bad_config_values_name_the_field(tmp_path, field, value, expected):
-    from moshi_eval.likelihood import LikelihoodConfigError
-    with pytest.raises(LikelihoodConfigError, match=rf"^{field}: expected {re.escape(expected)}, got {value!r}"):
+    from moshi_eval.tasks.likelihood import LikelihoodConfigError
+    with pytest.raises(LikelihoodConfigError, match=rf"^{field} \(--{field.replace('_', '-')}\): "
+                                                    rf"expected {re.escape(expected)}, got {value!r}"):
         LikelihoodConfig("sblimp", tmp_path, **{field: value}).check()

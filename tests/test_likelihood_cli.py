@@ -13,9 +13,9 @@ import pytest
 
 from helpers.checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
 from helpers.cli_helpers import sigterm_after_first
-from moshi_eval.cli import main
-from moshi_eval.likelihood import LikelihoodConfig, evaluate_likelihood
-from moshi_eval.lock import OutputLock
+from moshi_eval.cli.commands import main
+from moshi_eval.tasks.likelihood import LikelihoodConfig, evaluate_likelihood
+from moshi_eval.files.lock import OutputLock
 from test_likelihood import make_salmon, make_storycloze, make_zerospeech
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -79,6 +79,7 @@ def test_bad_layout_exit_code_and_message(world, tmp_path, capsys):
     assert "expected the ZeroSpeech 2021 layout for sblimp: <data>/syntactic/dev/*.wav" in err and "lexical" in err
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_bitwise_equal(world, tmp_path):
     full = tmp_path / "full"
     assert main(_argv(world, full, "--batch-size", "2")) == 0
@@ -96,6 +97,7 @@ def test_resume_after_sigterm_is_bitwise_equal(world, tmp_path):
     assert body["metrics"] == _results(full)["metrics"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed")
 def test_torchrun_two_processes_equal_one(world, tmp_path):
     one = tmp_path / "one"
@@ -110,6 +112,7 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     assert _results(two)["runtime"]["processes"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun is not installed")
 def test_torchrun_strict_error_on_one_rank_is_raised_on_both(world, tmp_path):
     """--strict with one unreadable file, batches of one file, 2 processes: the rank that owns it fails naming
@@ -179,7 +182,10 @@ def test_compare_two_likelihood_runs(world, tmp_path, capsys):
     import numpy as np
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(_argv(world, a)) == 0
-    assert main(_argv(world, b, "--user-stream", "zero")) == 0
+    other = write_tiny_checkpoint(tmp_path / "other_model", seed=1)      # only the model may differ
+    argv = _argv(world, b)
+    argv = argv[:argv.index(world["ckpt"]["cli_args"][0])] + other["cli_args"]
+    assert main(argv) == 0
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--bootstrap", "200"]) == 0
     assert "| accuracy |" in capsys.readouterr().out
     got = json.loads((tmp_path / "cmp" / "compare.json").read_text())["comparisons"]["accuracy"]["overall"]
@@ -199,7 +205,7 @@ def test_compare_two_likelihood_runs(world, tmp_path, capsys):
     make_salmon(tmp_path / "sal", parts=("rir_consistency",))
     assert main(_argv(world, c, "--parts", "rir_consistency", task="salmon", data=tmp_path / "sal")) == 0
     assert main(["compare", str(a), str(c), "--out", str(tmp_path / "cmp2")]) == 1
-    assert "not of the same benchmark: task: 'swuggy' vs 'salmon'" in capsys.readouterr().err
+    assert "not of the same benchmark: benchmark: 'swuggy' vs 'salmon'" in capsys.readouterr().err
 
 
 def test_demo_prints_a_likelihood_result(tmp_path, capsys):
@@ -208,5 +214,6 @@ def test_demo_prints_a_likelihood_result(tmp_path, capsys):
                  "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
     assert "moshi-eval demo likelihood: 3 generated minimal pairs" in capsys.readouterr().out
     body = _results(out / "likelihood")
-    assert body["task"] == "sstorycloze" and body["pairs_scored"] == 3 and body["demo"] is True
+    assert body["task"] == "likelihood" and body["benchmark"] == "sstorycloze" and body["pairs_scored"] == 3
+    assert body["model"]["demo"] is True
     assert 0.0 <= body["metrics"]["sstorycloze/accuracy"] <= 1.0

@@ -16,8 +16,8 @@ from moshi.modules.transformer import StreamingMultiheadAttention
 from helpers.checkpoint_factory import load_tiny_checkpoint, make_tiny_mimi, tiny_lm_config, write_tiny_checkpoint
 from moshi_eval import (EvalResults, Evaluators, LibriLightConfig, LibriLightEvaluator, LikelihoodConfig,
                         LikelihoodEvaluator, loggers)
-from moshi_eval import likelihood as likelihood_module
-from moshi_eval.cli import main
+from moshi_eval.tasks import likelihood as likelihood_module
+from moshi_eval.cli.commands import main
 from moshi_eval.demo import demo_minimal_pairs
 from test_likelihood import forward_log_likelihood, make_storycloze, make_zerospeech
 

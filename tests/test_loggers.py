@@ -13,7 +13,7 @@ import pytest
 from helpers.cli_helpers import make_world
 from helpers.checkpoint_factory import load_tiny_checkpoint
 from moshi_eval import LibriLightConfig, LibriLightEvaluator, flat_metrics, loggers
-from moshi_eval.cli import main
+from moshi_eval.cli.commands import main
 
 DEMO = ["--no-progress", "--max-frames", "150", "--bootstrap", "50"]
 
@@ -56,6 +56,7 @@ def _fake_wandb(monkeypatch) -> list[_Recorder]:
     module.Image = lambda array: {"image": array}
     module.log = lambda payload, step=None: runs.append(_Recorder()) or runs[-1].log(payload, step)
     monkeypatch.setitem(sys.modules, "wandb", module)
+    monkeypatch.setenv("WANDB_MODE", "offline")     # no credentials here: the run would be refused online
     return runs
 
 
@@ -78,7 +79,7 @@ def test_cli_logs_the_run_metrics_and_curve(tmp_path, monkeypatch):
     assert main(["demo", "--out", str(out), "--wandb", "proj/run1", "--tensorboard", str(tmp_path / "tb"),
                  "--log-step", "7", *DEMO]) == 0
     results = json.loads((out / "results.json").read_text())
-    expected = flat_metrics(results["metrics"])
+    expected = flat_metrics(results["summary"])
     assert "librilight/audio_ce@125" in expected and not any("@250" in k for k in expected)   # 150 frames
 
     (run,) = runs
@@ -88,7 +89,7 @@ def test_cli_logs_the_run_metrics_and_curve(tmp_path, monkeypatch):
     assert {k: v for k, v in payload.items() if k in expected} == expected
     assert run.summary == expected
     table = payload["librilight/curve"]
-    buckets = results["metrics"]["audio_ce"]["buckets"]
+    buckets = results["summary"]["audio_ce"]["buckets"]
     assert [row[2] for row in table["data"]] == [b["mean"] for b in buckets]
     assert payload["librilight/curve_plot"]["image"].ndim == 3
 
@@ -129,7 +130,7 @@ def test_tensorboard_event_file_holds_the_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "out"
     assert main(["demo", "--out", str(out), "--tensorboard", str(tmp_path / "tb"), *DEMO]) == 0
-    expected = flat_metrics(json.loads((out / "results.json").read_text())["metrics"])
+    expected = flat_metrics(json.loads((out / "results.json").read_text())["summary"])
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert set(events.Tags()["scalars"]) == set(expected)
@@ -144,7 +145,7 @@ def test_wandb_offline_run_summary_holds_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "out"
     assert main(["demo", "--out", str(out), "--wandb", "moshi-eval-test/demo", *DEMO]) == 0
-    expected = flat_metrics(json.loads((out / "results.json").read_text())["metrics"])
+    expected = flat_metrics(json.loads((out / "results.json").read_text())["summary"])
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     # wandb's core process writes the log asynchronously: wait for the run's exit record.
     deadline = time.monotonic() + 60

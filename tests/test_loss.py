@@ -1,11 +1,11 @@
-"""moshi_eval.loss against a cross-entropy computed by hand and against torch's weighted cross_entropy."""
+"""moshi_eval.scoring.loss against a cross-entropy computed by hand and against torch's weighted cross_entropy."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moshi_eval.loss import audio_cross_entropy, codebook_weights
+from moshi_eval.scoring.loss import audio_cross_entropy, codebook_weights
 
 
 def _hand_ce(logits: torch.Tensor, target: int) -> float:

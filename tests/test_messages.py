@@ -1,4 +1,4 @@
-"""Messages instead of tracebacks (issue 16, item 15): each user error below names the argument or the cause."""
+"""Messages instead of tracebacks : each user error below names the argument or the cause."""
 import os
 import socket
 import subprocess
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from moshi_eval.cli import main
+from moshi_eval.cli.commands import main
 
 from helpers.checkpoint_factory import write_tiny_checkpoint
 from helpers.lm_factory import make_lm
@@ -86,8 +86,9 @@ def test_a_rank_waiting_for_its_peers_says_so(tmp_path):
 
 
 def test_a_model_already_streaming_is_a_message(tmp_path, capsys, monkeypatch):
-    from moshi_eval import check, demo
-    from moshi_eval.check import StreamingCheckError, verify_streaming
+    from moshi_eval import demo
+    import moshi_eval.cli.check_streaming as check_command
+    from moshi_eval.scoring.streaming import StreamingCheckError, verify_streaming
     lm = make_lm()
     lm.streaming_forever(1)
     with pytest.raises(StreamingCheckError, match="already streaming .*streams cannot be nested"):
@@ -104,6 +105,6 @@ def test_a_model_already_streaming_is_a_message(tmp_path, capsys, monkeypatch):
                  "--cache-dir", str(tmp_path / "cache")]) == 1
     err = capsys.readouterr().err
     assert "the model is already streaming" in err and "Traceback" not in err
-    monkeypatch.setattr(check, "demo_lm", lambda seed, device, dtype: streaming_demo(seed))
+    monkeypatch.setattr(check_command, "demo_lm", lambda seed, device, dtype: streaming_demo(seed))
     assert main(["check-streaming", "--demo", "--frames", "4", "--device", "cpu"]) == 2
     assert "already streaming" in capsys.readouterr().err

@@ -1,10 +1,10 @@
-"""moshi_eval.metrics against numpy computations written out frame by frame."""
+"""moshi_eval.stats.metrics against numpy computations written out frame by frame."""
 import math
 
 import numpy as np
 import pytest
 
-from moshi_eval.metrics import bucket_means, frame_mean, slope_per_1000, summarize, value_at
+from moshi_eval.stats.metrics import bucket_means, frame_mean, slope_per_1000, summarize, value_at
 
 
 @pytest.fixture

@@ -1,11 +1,13 @@
-"""moshi_eval.report: atomic sequence files, config guard, curve.csv against numpy, the plot."""
+"""moshi_eval.files.report: atomic sequence files, config guard, curve.csv against numpy, the plot."""
 import csv
 import json
 
 import numpy as np
 import pytest
 
-from moshi_eval import atomic, report
+from moshi_eval.files import atomic
+from moshi_eval.files import report
+from moshi_eval.files.folder import ConfigMismatchError, OutputFolder, write_json
 
 
 def _arrays(T, K=8, seed=0):
@@ -56,25 +58,34 @@ def test_bad_sequence_arrays_and_files(tmp_path):
         report.read_sequence(corrupt)
 
 
+def _check_config(out, config, task="librilight"):
+    with OutputFolder(out, task) as folder:
+        return folder.check_config(config)
+
+
 def test_config_guard(tmp_path):
+    """Config.json of a folder: replaced while it protects no result, checked once it does; a folder of results
+    without one, or of another task, is refused."""
     cfg = {"model": {"path": "/m", "size": 3}, "text": "pad", "max_frames": None}
-    assert report.check_or_write_config(tmp_path, cfg) is False
+    assert _check_config(tmp_path, cfg) is False
     # No finished sequence yet (e.g. the first run failed on a bad checkpoint): another config replaces it.
-    assert report.check_or_write_config(tmp_path, dict(cfg, text="predicted")) is False
-    assert report.check_or_write_config(tmp_path, cfg) is False
+    assert _check_config(tmp_path, dict(cfg, text="predicted")) is False
+    assert _check_config(tmp_path, cfg) is False
     report.write_sequence(tmp_path, "a", _arrays(3))
-    assert report.check_or_write_config(tmp_path, dict(cfg)) is True
-    with pytest.raises(report.ConfigMismatchError, match="text: stored 'pad', now 'predicted'"):
-        report.check_or_write_config(tmp_path, dict(cfg, text="predicted"))
+    assert _check_config(tmp_path, dict(cfg)) is True
+    with pytest.raises(ConfigMismatchError, match="text: stored 'pad', now 'predicted'"):
+        _check_config(tmp_path, dict(cfg, text="predicted"))
+    with pytest.raises(ConfigMismatchError, match="holds a librilight run, and this is a likelihood run"):
+        _check_config(tmp_path, dict(cfg), task="likelihood")
     # Results without a stored config cannot be attributed: refused too.
     other = tmp_path / "other"
     report.write_sequence(other, "a", _arrays(3))
-    with pytest.raises(report.ConfigMismatchError, match="no config.json"):
-        report.check_or_write_config(other, cfg)
+    with pytest.raises(ConfigMismatchError, match="no config.json"):
+        _check_config(other, cfg)
 
 
 def test_json_has_no_nan(tmp_path):
-    report.write_json_atomic(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(2)})
+    write_json(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(2)})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [1.0, None], "c": 2.0}
 
 
@@ -119,7 +130,7 @@ def test_curve_band_and_mean_line_are_the_same_quantity():
     """With a band, the black line is the bucket means the band is around (recomputed here from the books),
     not a moving average of another width."""
     import matplotlib.pyplot as plt
-    from moshi_eval.bootstrap import bucket_band
+    from moshi_eval.stats.bootstrap import bucket_band
     rng = np.random.default_rng(4)
     books = [rng.normal(5, 1) + rng.normal(0, 0.3, n) for n in (260, 230, 120)]
     band = bucket_band(books, 50, 200, 0)
@@ -159,7 +170,7 @@ def test_curve_shows_how_many_books_reach_each_frame():
 
 def test_few_books_are_flagged_in_the_summary_and_the_plot():
     import matplotlib.pyplot as plt
-    from moshi_eval.bootstrap import MIN_BOOKS_FOR_INTERVAL, bootstrap_summary, bucket_band
+    from moshi_eval.stats.bootstrap import MIN_BOOKS_FOR_INTERVAL, bootstrap_summary, bucket_band
     rng = np.random.default_rng(5)
     two = [rng.normal(5, 0.3, 200) for _ in range(2)]
     summary = bootstrap_summary(two, (50,), 10, 50, 100, 0)

@@ -1,4 +1,4 @@
-"""moshi_eval.scoring against LMModel.forward on the same tokens (the independent oracle, DESIGN.md 4)."""
+"""moshi_eval.scoring.sequences against LMModel.forward on the same tokens (the independent oracle, DESIGN.md 4)."""
 import math
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from moshi.utils.compile import no_compile
 
 from helpers.lm_factory import make_lm
-from moshi_eval.scoring import NonFiniteLossError, score, score_sequences
+from moshi_eval.scoring.sequences import NonFiniteLossError, score, score_sequences
 from moshi_patch import LMGen
 
 
@@ -48,7 +48,7 @@ def _forward_ce(model, text: torch.Tensor, audio: torch.Tensor, user: torch.Tens
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 @pytest.mark.parametrize("max_delay", [1, 2])
 def test_forced_text_zero_user_equals_forward_oracle(max_delay, chunk, text_mode):
-    """text=pad or zero (-1, no text input), user=zero: streaming CE == CE of LMModel.forward logits on the
+    """Text=pad or zero (-1, no text input), user=zero: streaming CE == CE of LMModel.forward logits on the
     same codes, at 1e-4, one frame per call or in chunks (64 > both lengths: one call for the whole batch)."""
     model = _tiny(max_delay)
     lengths = [23, 37]                                   # different lengths in one batch, > context
@@ -79,7 +79,7 @@ def test_forced_text_zero_user_equals_forward_oracle(max_delay, chunk, text_mode
 
 
 def test_predicted_text_and_silence_user_replay_through_forward():
-    """text=predicted, user=silence: forward on (predicted text, codes, silence shifted as designed)."""
+    """Text=predicted, user=silence: forward on (predicted text, codes, silence shifted as designed)."""
     model = _tiny()
     codes = _codes(model, [30], seed=3)
     gen = torch.Generator().manual_seed(4)

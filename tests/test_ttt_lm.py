@@ -7,7 +7,7 @@ TTT state) measures a different model.
 import pytest
 import torch
 
-from moshi_eval.check import teacher_forced_logits
+from moshi_eval.scoring.streaming import teacher_forced_logits
 from moshi_patch import LMGen, TeacherForcing
 from moshi_patch.ttt import ttt_layers
 

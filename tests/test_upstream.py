@@ -17,6 +17,8 @@ import moshi
 import moshi_patch
 from moshi_patch import hooks, upstream
 
+pytestmark = pytest.mark.slow     # subprocesses: most of the suite's time
+
 TESTS = Path(__file__).resolve().parent
 MOSHI_PACKAGE = Path(moshi.__file__).resolve().parent
 INSTALLED_LM = MOSHI_PACKAGE / "models" / "lm.py"

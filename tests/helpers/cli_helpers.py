@@ -59,5 +59,5 @@ def results(out: Path) -> dict:
 
 
 def sequences(out: Path) -> dict:
-    from moshi_eval import report
+    from moshi_eval.files import report
     return {p.stem: report.read_sequence(p) for p in sorted((Path(out) / "sequences").glob("*.npz"))}

@@ -1,0 +1,213 @@
+"""The right numbers where real users run it: LoRA adapters fused into a bfloat16 model as the float32 merge
+rounded once, scores independent of which parameters require grad (and CLI models loaded frozen), SALMon's
+loader offline with local files, the demo seeded without touching torch's global generator, and a Mimi config
+that does not fit the Mimi weights named in one line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from moshi.models import loaders
+from moshi.models.lm import LMModel
+from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
+from safetensors.torch import load_file, save_file
+
+from helpers.checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
+from helpers.lm_factory import make_lm, random_codes
+from moshi_eval.checkpoint import CheckpointError, resolve_checkpoint
+from moshi_eval.config import ModelSource
+
+RANK, SCALING = 4, 2.0
+
+
+def _source(ckpt: dict, **kw) -> ModelSource:
+    files = dict(hf_repo=ckpt["hf_repo"], moshi_weight=str(ckpt["moshi_weights"]),
+                 mimi_weight=str(ckpt["mimi_weights"]), tokenizer=str(ckpt["tokenizer"]),
+                 config=str(ckpt["config_path"]), mimi_config=str(ckpt["mimi_config_path"]), device="cpu")
+    return ModelSource(**{**files, **kw})
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    """The tiny checkpoint, its weights also in bfloat16 (as kyutai/moshiko-pytorch-bf16), and LoRA adapters in
+    moshi-finetune's layout (`lora.safetensors`, non-zero A and B, float32) with a `lora: true` config: a small
+    update, about one bfloat16 ulp of the weights."""
+    root = tmp_path_factory.mktemp("lora_bf16")
+    base = write_tiny_checkpoint(root / "base")
+    config = json.loads(base["config_path"].read_text())
+    lora_config = root / "lora_config.json"
+    lora_config.write_text(json.dumps(dict(config, lora=True, lora_rank=RANK, lora_scaling=SCALING)))
+    bf16_weights = root / "model_bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(base["moshi_weights"])).items()}, str(bf16_weights))
+
+    torch.manual_seed(5)
+    model = loaders.get_moshi_lm(str(base["moshi_weights"]), lm_kwargs=base["lm_config"], device="cpu",
+                                 dtype=torch.float32)
+    replace_all_linear_with_lora(model, RANK, SCALING, device="cpu")
+    adapters = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(module, part).weight
+                torch.nn.init.normal_(weight, std=0.01)
+                adapters[f"{name}.{part}.weight"] = weight.detach().clone()
+    lora_weights = root / "lora.safetensors"
+    save_file(adapters, str(lora_weights))
+    return {"base": base, "lora_config": lora_config, "lora_weights": lora_weights, "bf16_weights": bf16_weights}
+
+
+def _lora_lm(lora: dict, dtype: str, fuse: bool, base_dtype: str = "float32") -> LMModel:
+    weights = lora["bf16_weights"] if base_dtype == "bfloat16" else lora["base"]["moshi_weights"]
+    source = _source(lora["base"], config=str(lora["lora_config"]), lora_weight=str(lora["lora_weights"]),
+                     moshi_weight=str(weights), dtype=dtype, fuse_lora=fuse)
+    return resolve_checkpoint(source).load().lm_model
+
+
+def _logits(lm: LMModel) -> torch.Tensor:
+    """Audio logits of `LMModel.forward` on random codes at the valid positions, in float32: `[N, card]`."""
+    codes = random_codes(lm, 2, 10, seed=0)
+    with torch.no_grad():
+        out = lm(codes)
+    return out.logits[out.mask].float()
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_lora_fused_in_bfloat16_is_the_float32_merge_rounded_once(lora, base_dtype):
+    fused32 = _lora_lm(lora, "float32", True, base_dtype)
+    fused16 = _lora_lm(lora, "bfloat16", True, base_dtype)
+    assert not any(isinstance(m, LoRALinear) for m in fused16.modules())
+    # Bitwise the float32 fused model cast to bfloat16: weights, dtypes and logits.
+    expected = {k: v.to(torch.bfloat16) if v.dtype.is_floating_point else v for k, v in fused32.state_dict().items()}
+    got = fused16.state_dict()
+    assert set(got) == set(expected)
+    for key, value in got.items():
+        assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
+    assert torch.equal(_logits(fused16), _logits(fused32.to(torch.bfloat16)))
+
+    # Fused and unfused agree up to bfloat16's own rounding of the trained (float32, unfused) model.
+    trained = _logits(_lora_lm(lora, "float32", False, base_dtype))
+    unfused16 = _logits(_lora_lm(lora, "bfloat16", False, base_dtype))
+    rounding = (unfused16 - trained).abs().max()
+    assert 0 < rounding < 0.2
+    assert (_logits(fused16) - trained).abs().max() <= 2 * rounding
+    assert (_logits(fused16) - unfused16).abs().max() <= 2 * rounding
+
+    # moshi's own loader merges in bfloat16 (W, B @ A and the sum each rounded): not the rounded merge.
+    info = loaders.CheckpointInfo.from_hf_repo(
+        "unused", moshi_weights=lora["bf16_weights"] if base_dtype == "bfloat16" else lora["base"]["moshi_weights"],
+        mimi_weights=lora["base"]["mimi_weights"], tokenizer=lora["base"]["tokenizer"],
+        config_path=lora["lora_config"], lora_weights=lora["lora_weights"])
+    old = info.get_moshi(device="cpu", dtype=torch.bfloat16, fuse_lora=True).state_dict()
+    assert any(not torch.equal(old[key], expected[key]) for key in expected)
+
+
+def _score(lm: LMModel, codes: list[torch.Tensor]) -> list[np.ndarray]:
+    from moshi_patch import LMGen
+    from moshi_eval.scoring.model_call import scoring_mode
+    from moshi_eval.scoring.sequences import score_sequences
+    with scoring_mode(lm):
+        return [s.codebook_ce.copy() for s in score_sequences(LMGen(lm, use_sampling=False), codes,
+                                                               user_stream="zero", text="zero", progress=False,
+                                                               chunk=4)]
+
+
+def test_scores_do_not_depend_on_requires_grad_and_flags_are_restored():
+    from moshi_eval.scoring.model_call import scoring_mode
+    lm = make_lm(depformer_multi_linear=True)
+    gen = torch.Generator().manual_seed(1)
+    codes = [torch.randint(0, lm.card, (lm.dep_q, n), generator=gen) for n in (20, 13)]
+    lm.requires_grad_(False)
+    frozen = _score(lm, codes)
+    flags = [i % 2 == 0 for i, _ in enumerate(lm.parameters())]
+    for flag, p in zip(flags, lm.parameters()):
+        p.requires_grad_(flag)
+    lm.train()
+    half = _score(lm, codes)
+    for a, b in zip(frozen, half):
+        assert np.array_equal(a, b), np.abs(a - b).max()
+    assert [p.requires_grad for p in lm.parameters()] == flags and lm.training
+    with pytest.raises(RuntimeError, match="inside"):
+        with scoring_mode(lm):
+            assert not any(p.requires_grad for p in lm.parameters()) and not lm.training
+            raise RuntimeError("inside")
+    assert [p.requires_grad for p in lm.parameters()] == flags and lm.training
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"))
+
+
+def test_cli_models_are_loaded_frozen(tiny):
+    lm = resolve_checkpoint(_source(tiny)).load().lm_model
+    assert not any(p.requires_grad for p in lm.parameters())
+
+
+def test_a_mimi_config_that_does_not_fit_the_weights_is_one_line(tiny):
+    source = _source(tiny, mimi_config=None)          # a non-default Mimi without its --mimi-config
+    with pytest.raises(CheckpointError) as info:
+        resolve_checkpoint(source).load()
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 600, message
+    assert str(tiny["mimi_weights"]) in message and "--mimi-config" in message
+    assert message.count("size mismatch") == 1
+
+
+def _offline(monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.file_download
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network: hf_hub_download{args}")
+
+    for module in (huggingface_hub, huggingface_hub.file_download, loaders):
+        monkeypatch.setattr(module, "hf_hub_download", refuse)
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False], ids=["tokenizer", "no-tokenizer"])
+def test_salmon_all_local_config_never_touches_the_network(tiny, monkeypatch, with_tokenizer):
+    from moshi_eval.salmon import MoshiInferenceModel
+    _offline(monkeypatch)
+    config = {"model_type": "moshi", "moshi_weight": str(tiny["moshi_weights"]),
+              "mimi_weight": str(tiny["mimi_weights"]), "config": str(tiny["config_path"]),
+              "mimi_config": str(tiny["mimi_config_path"]), "device": "cpu", "dtype": "float32", "text": "zero"}
+    if with_tokenizer:
+        config["tokenizer"] = str(tiny["tokenizer"])
+    model = MoshiInferenceModel.from_config(config)
+    assert not any(p.requires_grad for p in model.lm_model.parameters())
+    lm, mimi, _ = load_tiny_checkpoint(tiny)
+    wavs = [torch.from_numpy(np.random.default_rng(i).standard_normal((1, 16000 + 4000 * i)).astype(np.float32)
+                             * 0.1) for i in range(2)]
+    assert torch.equal(model.log_likelihood(wavs), MoshiInferenceModel(lm, mimi, text="zero").log_likelihood(wavs))
+    with pytest.raises(CheckpointError, match="moshi_weight"):
+        MoshiInferenceModel.from_config(dict(config, moshi_weight=str(tiny["root"] / "missing.safetensors")))
+
+
+def _old_demo_mimi(seed: int):
+    from moshi_eval.demo import DEMO_MIMI_CONFIG, _init_codebooks
+    torch.manual_seed(seed)
+    mimi = loaders.get_mimi(None, DEMO_MIMI_CONFIG, device="cpu", num_codebooks=8)
+    _init_codebooks(mimi, seed)
+    return mimi.eval()
+
+
+def _old_demo_lm(seed: int, dtype: torch.dtype):
+    from moshi_eval.demo import DEMO_LM_KWARGS
+    torch.manual_seed(seed)
+    return LMModel(device="cpu", dtype=dtype, **DEMO_LM_KWARGS).eval()
+
+
+def test_demo_models_keep_their_weights_and_leave_the_global_generator_alone():
+    from moshi_eval.demo import demo_lm, demo_mimi
+    with torch.random.fork_rng(devices=[]):
+        references = {"mimi": _old_demo_mimi(0).state_dict(), "lm": _old_demo_lm(0, torch.float32).state_dict(),
+                      "lm_bf16": _old_demo_lm(1, torch.bfloat16).state_dict()}
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    built = {"mimi": demo_mimi(0).state_dict(), "lm": demo_lm(0).state_dict(),
+             "lm_bf16": demo_lm(1, dtype=torch.bfloat16).state_dict()}
+    assert torch.equal(torch.get_rng_state(), before)
+    for name, state in built.items():
+        assert state.keys() == references[name].keys()
+        for key, value in state.items():
+            assert torch.equal(value, references[name][key]), (name, key)
