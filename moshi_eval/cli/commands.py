@@ -287,35 +287,37 @@ def _add_dialogues_parser(subparsers: tp.Any) -> None:
 
 def run_dialogues(args: argparse.Namespace) -> int:
     run = run_config(args)
-    source = from_values(ModelSource, args)
-    source.device = rank_device(source.device, from_environment())   # cuda:LOCAL_RANK under torchrun
     config = DialogueConfig(
         jsonl=args.jsonl, duration=None if args.whole_files else args.duration, batch_size=args.batch_size,
         text_padding_weight=args.text_padding_weight, first_codebook_weight=args.first_codebook_weight,
         chunk=args.chunk, text_length=args.text_length, drop_last=args.drop_last, max_batches=args.max_batches,
         report_at=args.report_at, verify_streaming=args.verify_streaming)
-    _check_loggers(args)
-    hasher = _hasher(run)
-    resolved = resolve_checkpoint(source, hasher)
+    source, hasher, resolved = _checkpoint(args, run)
     task = DialogueTask(config, resolved.info.tokenizer)
     return run_task(_task_run(task, run, resolved.load, resolved.identity, source.device, hasher, args))
 
 
 def run_likelihood(args: argparse.Namespace) -> int:
     run = run_config(args)
-    source = from_values(ModelSource, args)
-    source.device = rank_device(source.device, from_environment())   # cuda:LOCAL_RANK under torchrun
     config = LikelihoodConfig(
         task=args.task, data=args.data, split=args.split,
         parts=tuple(x for x in args.parts.split(",") if x) if args.parts else None, text=args.text,
         user_stream=args.user_stream, batch_size=args.batch_size, chunk=args.chunk, limit=args.limit,
         strict=args.strict, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
         verify_streaming=args.verify_streaming)
-    _check_loggers(args)
-    hasher = _hasher(run)
-    resolved = resolve_checkpoint(source, hasher)
+    source, hasher, resolved = _checkpoint(args, run)
     return run_task(_task_run(LikelihoodTask(config), run, resolved.load, resolved.identity, source.device, hasher,
                               args))
+
+
+def _checkpoint(args: argparse.Namespace, run: RunConfig) -> tuple[ModelSource, FileHasher, tp.Any]:
+    """What every scoring command does before its task: the checkpoint flags as a `ModelSource` (on
+    `cuda:LOCAL_RANK` under torchrun), the loggers checked, the checkpoint located and identified (not loaded)."""
+    source = from_values(ModelSource, args)
+    source.device = rank_device(source.device, from_environment())
+    _check_loggers(args)
+    hasher = _hasher(run)
+    return source, hasher, resolve_checkpoint(source, hasher)
 
 
 def _task_run(task: tp.Any, run: RunConfig, load: tp.Callable[[], LoadedCheckpoint], identity: dict,
@@ -339,11 +341,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def run_librilight(args: argparse.Namespace) -> int:
     config, run = from_values(LibriLightConfig, args), run_config(args)
-    source = from_values(ModelSource, args)
-    source.device = rank_device(source.device, from_environment())   # cuda:LOCAL_RANK under torchrun
-    _check_loggers(args)
-    hasher = _hasher(run)
-    resolved = resolve_checkpoint(source, hasher)
+    source, hasher, resolved = _checkpoint(args, run)
     return run_task(_task_run(LibriLightTask(config), run, resolved.load, resolved.identity, source.device, hasher,
                               args))
 

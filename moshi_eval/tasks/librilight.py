@@ -192,13 +192,14 @@ class BookStore:
         return arrays, None
 
     def save(self, b: _Book, arrays: dict[str, np.ndarray], batch: list[str], config: LibriLightConfig,
-             device: str) -> Path:
+             device: str, announce: bool = True) -> Path:
         meta = {"sequence_id": b.sequence_id, "chapters": b.chapters, "batch_size": config.batch_size,
                 "batch": batch, "device": device, "config_sha256": self.folder.config_sha256,
                 "origin": self.folder.origin()}
         path = report.write_sequence(self.folder.path, b.sequence_id, arrays, meta)
-        tqdm.write(f"moshi-eval: {self.tag}{b.sequence_id}: {arrays['audio_ce'].shape[0]} frames, mean audio_ce "
-                   f"{np.nanmean(arrays['audio_ce']):.4f} -> {path}", file=sys.stderr)
+        if announce:
+            tqdm.write(f"moshi-eval: {self.tag}{b.sequence_id}: {arrays['audio_ce'].shape[0]} frames, mean "
+                       f"audio_ce {np.nanmean(arrays['audio_ce']):.4f} -> {path}", file=sys.stderr)
         return path
 
 
@@ -358,14 +359,12 @@ class EvalResult:
         ev = self._evaluator
         config = ev.config
         if self._stored_in is None or Path(self._stored_in).resolve() != folder.path.resolve():
+            store = BookStore(folder)       # the book files a CLI run writes as it scores, written here at once
             for b in ev._books:
                 arrays = self.sequences.get(b.sequence_id)
                 if arrays is not None:
-                    meta = {"sequence_id": b.sequence_id, "chapters": b.chapters, "batch_size": config.batch_size,
-                            "batch": ev._batch_of.get(b.sequence_id, [b.sequence_id]),
-                            "device": str(self._model.device),
-                            "config_sha256": folder.config_sha256, "origin": folder.origin()}
-                    report.write_sequence(folder.path, b.sequence_id, arrays, meta)
+                    store.save(b, arrays, ev._batch_of.get(b.sequence_id, [b.sequence_id]), config,
+                               str(self._model.device), announce=False)
         frame_rate = float(ev.mimi.frame_rate)
         sequences = self.sequences
         books_meta = []
