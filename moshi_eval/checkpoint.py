@@ -4,8 +4,9 @@ Either a Hugging Face repo (`--hf-repo kyutai/moshiko-pytorch-bf16`, each file o
 path or `hf://repo/file`), or local files only: `--config` (the repo's `config.json`), `--moshi-weight`
 and `--mimi-weight` (and optionally `--mimi-config`, `--tokenizer`).
 
-The LM and Mimi come back frozen (`requires_grad` False on every parameter: torch can pick another kernel for a
-weight that requires grad, even under `no_grad`), LoRA adapters merged in float32 and rounded once to the dtype.
+The LM and Mimi come back frozen (`requires_grad` False on every parameter; the evaluators turn it on while
+they score, as for any model: `scoring.model_call.scoring_mode`), LoRA adapters merged in float32 and rounded once
+to the dtype.
 Training such a model on CPU: moshi compiles a few functions with `torch.compile` on their first call (about
 90 s for the first step of a small model); `NO_TORCH_COMPILE=1` in the environment before moshi is imported
 skips it.

@@ -211,7 +211,8 @@ def demo_audiobook_manifest() -> list[dict]:
 def demo_minimal_pairs(dest: str | Path, stories: int = 3, seconds: float = 1.5, sample_rate: int = 16000) -> Path:
     """Generated minimal pairs in the spoken StoryCloze layout, in `dest/likelihood_demo`: `<n>_demo_correct.wav`
     is a speech-like signal, `<n>_demo_incorrect.wav` the same beginning with its last third time-reversed (a wrong
-    ending). 16 kHz, as the benchmarks' releases. Returns the folder (to pass as `--data`)."""
+    ending). 16 kHz, as the benchmarks' releases. A file already there with these bytes is left as it is (its mtime
+    too: a rerun into the same folder resumes). Returns the folder (to pass as `--data`)."""
     import sphn
     root = Path(dest) / "likelihood_demo"
     root.mkdir(parents=True, exist_ok=True)
@@ -219,8 +220,11 @@ def demo_minimal_pairs(dest: str | Path, stories: int = 3, seconds: float = 1.5,
         right = _calibration_audio(1000 + n, seconds, sample_rate)
         cut = 2 * len(right) // 3
         wrong = np.concatenate([right[:cut], right[cut:][::-1]])
-        sphn.write_wav(str(root / f"{n}_demo_correct.wav"), right, sample_rate)
-        sphn.write_wav(str(root / f"{n}_demo_incorrect.wav"), np.ascontiguousarray(wrong), sample_rate)
+        for kind, audio in (("correct", right), ("incorrect", np.ascontiguousarray(wrong))):
+            tmp = root / f".{n}_demo_{kind}.tmp.wav"
+            sphn.write_wav(str(tmp), audio, sample_rate)
+            _copy_if_different(tmp, root / f"{n}_demo_{kind}.wav")
+            tmp.unlink()
     return root
 
 

@@ -30,14 +30,14 @@ def test_main_maps_errors_to_exit_codes(monkeypatch, capsys) -> None:
         raise raised[-1]
 
     parser = cli.build_parser()
-    real_parse = parser.parse_args
+    real_parse = parser.parse
 
-    def parse_args(argv):
+    def parse(argv):
         args = real_parse(argv)
         args.func = command
         return args
 
-    monkeypatch.setattr(parser, "parse_args", parse_args)
+    monkeypatch.setattr(parser, "parse", parse)
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     argv = ["compare", "a", "b", "--out", "c"]
     for exc, code in [(errors.UsageError("--names: two names"), errors.EXIT_USAGE),

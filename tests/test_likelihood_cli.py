@@ -215,5 +215,63 @@ def test_demo_prints_a_likelihood_result(tmp_path, capsys):
     assert "moshi-eval demo likelihood: 3 generated minimal pairs" in capsys.readouterr().out
     body = _results(out / "likelihood")
     assert body["task"] == "likelihood" and body["benchmark"] == "sstorycloze" and body["pairs_scored"] == 3
-    assert body["model"]["demo"] is True
+    assert body["model"]["demo"] is True and body["model"]["lm_kwargs"]
+    # Run by the runner as every task: the demo's command recorded, batches kept to resume.
+    assert body["command"].startswith("moshi-eval demo") and list((out / "likelihood" / "items").glob("batch_*"))
     assert 0.0 <= body["metrics"]["sstorycloze/accuracy"] <= 1.0
+
+
+def test_likelihood_demo_needs_no_checkpoint_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["likelihood", "--demo", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+            "--bootstrap", "20"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "moshi-eval likelihood sstorycloze: 6 files scored, 0 skipped" in err and "book" not in err
+    body = _results(out)
+    assert body["benchmark"] == "sstorycloze" and body["model"]["demo"] is True and body["pairs_scored"] == 3
+    items = _items(out)
+    assert main(argv) == 0
+    assert "resumed" in capsys.readouterr().err and _items(out) == items
+    assert main(argv[:2] + ["--data", str(tmp_path), "--moshi-weight", "x"] + argv[2:]) == 2
+    assert "drop --data, --moshi-weight" in capsys.readouterr().err
+    assert main(["likelihood", "--out", str(tmp_path / "x")]) == 2
+    assert "--task and --data required (or --demo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["likelihod", "--demo"], "invalid choice: 'likelihod'"),
+    (["likelihood", "--task", "swugy"], "did you mean 'swuggy'?"),
+    (["likelihood", "--demo", "--out", "x", "--chunks", "3"],
+     "unrecognized arguments: --chunks (did you mean --chunk?)"),
+    (["compare", "a", "b", "--out", "c", "--bootstap", "3"], "--bootstap (did you mean --bootstrap?)"),
+])
+def test_mistyped_names_get_the_closest_one(argv, said, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err, err
+    if argv[0] != "likelihod":
+        assert f"moshi-eval {argv[0]}: error" in err and f"usage: moshi-eval {argv[0]}" in err
+    else:
+        assert "did you mean 'likelihood'?" in err
+
+
+def test_compare_runs_of_two_copies_of_the_data(world, tmp_path, capsys):
+    """The same recordings in another folder are the same benchmark: paired by their sha256, as one folder."""
+    copy = tmp_path / "copy"
+    shutil.copytree(world["data"], copy)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for out, data in ((a, world["data"]), (b, copy), (c, world["data"])):
+        assert main(_argv(world, out, data=data)) == 0
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "ab"), "--bootstrap", "50"]) == 0
+    assert "data folders differ" in capsys.readouterr().err
+    assert main(["compare", str(a), str(c), "--out", str(tmp_path / "ac"), "--bootstrap", "50"]) == 0
+    ab, ac = (json.loads((tmp_path / n / "compare.json").read_text()) for n in ("ab", "ac"))
+    assert ab["shared_pairs"] == ac["shared_pairs"] == 8
+    for name in ("accuracy", "accuracy_per_token"):
+        x, y = ab["comparisons"][name]["overall"], ac["comparisons"][name]["overall"]
+        assert (x["difference"], x["disagreement_share"], x["accuracy_a"]) == \
+            (y["difference"], y["disagreement_share"], y["accuracy_a"])

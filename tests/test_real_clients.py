@@ -128,9 +128,29 @@ def test_scores_do_not_depend_on_requires_grad_and_flags_are_restored():
     assert [p.requires_grad for p in lm.parameters()] == flags and lm.training
     with pytest.raises(RuntimeError, match="inside"):
         with scoring_mode(lm):
-            assert not any(p.requires_grad for p in lm.parameters()) and not lm.training
+            assert all(p.requires_grad for p in lm.parameters()) and not lm.training
             raise RuntimeError("inside")
     assert [p.requires_grad for p in lm.parameters()] == flags and lm.training
+
+
+def test_frozen_model_scores_with_one_matrix_product_per_depformer_linear():
+    """The depformer's multi-linear layers get per-codebook slices `[N, 1, D]` of a `[N, dep_q, D]` input; torch
+    folds them into one matrix product only for a weight that requires grad, and for a frozen one multiplies by the
+    weight expanded N times (`aten::bmm`), much slower on a CPU. A frozen model (as the CLI loads it) must be
+    scored on the folded path, and give what a trainable one gives."""
+    from torch.profiler import ProfilerActivity, profile
+    lm = make_lm(depformer_multi_linear=True, depformer_weights_per_step=True)
+    gen = torch.Generator().manual_seed(2)
+    codes = [torch.randint(0, lm.card, (lm.dep_q, 24), generator=gen)]
+    trainable = _score(lm, codes)
+    lm.requires_grad_(False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        frozen = _score(lm, codes)
+    ops = {event.key: event.count for event in prof.key_averages()}
+    assert ops.get("aten::mm", 0) > 0
+    assert ops.get("aten::bmm", 0) == 0, f"{ops.get('aten::bmm')} batched products of an expanded weight"
+    assert np.array_equal(trainable[0], frozen[0])
+    assert not any(p.requires_grad for p in lm.parameters())
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,17 @@ Subcommands:
   likelihood benchmarks (moshi_eval.tasks.likelihood).
 - `dialogues --jsonl eval.jsonl --out DIR`: text and audio cross-entropy on moshi-finetune data
   (moshi_eval.tasks.dialogue).
+- `zr2021-submission RUN_DIR ... --out DIR`: a ZeroSpeech 2021 submission folder from likelihood runs
+  (moshi_eval.zr2021).
 
 No finished work is lost: each unit (book, batch) is written as soon as it is scored; rerunning the same
 command with the same `--out` skips finished units, and Ctrl-C / SIGTERM prints the command to resume.
 """
 import argparse
+from dataclasses import replace
+import difflib
 from pathlib import Path
+import re
 import signal
 import sys
 import threading
@@ -28,7 +33,7 @@ from ..checkpoint import LoadedCheckpoint, resolve_checkpoint
 from ..config import (CheckStreamingConfig, LibriLightConfig, LikelihoodConfig, ModelSource, RunConfig,
                       default_cache_dir, from_values)
 from ..distributed import from_environment, rank_device
-from ..errors import EXIT_INTERRUPTED, MoshiEvalError
+from ..errors import EXIT_INTERRUPTED, MoshiEvalError, UsageError
 from ..files.hashing import FileHasher
 from ..scoring.loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from ..scoring.sequences import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS
@@ -41,6 +46,7 @@ from ..tasks.likelihood import LikelihoodTask
 from ..tasks.runner import TaskRun, raise_interrupt, run_task
 from . import check_streaming as check_module
 from . import compare as compare_command
+from . import zr2021 as zr2021_command
 from .checkpoint_arguments import add_checkpoint_arguments
 
 
@@ -152,16 +158,44 @@ def _logger(args: argparse.Namespace) -> tp.Callable[[tp.Any], None] | None:
     return lambda result: loggers.log_run(args.out, args.wandb, args.tensorboard, step)
 
 
-def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_report_arguments(parser: argparse.ArgumentParser, units: str = "the books") -> None:
     parser.add_argument("--bootstrap", type=_non_negative_int, default=DEFAULT_RESAMPLES,
-                        help=f"bootstrap resamples of the books for the intervals (default {DEFAULT_RESAMPLES}; "
+                        help=f"bootstrap resamples of {units} for the intervals (default {DEFAULT_RESAMPLES}; "
                              "0: no interval)")
     parser.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED, help="seed of the bootstrap resamples")
     parser.add_argument("--log-x", action="store_true", help="logarithmic time axis in the plots")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors suggest the closest name: a mistyped subcommand or choice (`invalid
+    choice: 'likelihod'`), and, through `parse`, a mistyped flag (`--chunks`), in the subcommand's own usage."""
+
+    def error(self, message: str) -> tp.NoReturn:
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if found:
+            choices = re.findall(r"'([^']*)'", found.group(2))
+            close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+        super().error(message)
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """`parse_args`, but an unknown flag is reported by its subcommand with the closest flag it has."""
+        args, unknown = self.parse_known_args(argv)
+        if unknown:
+            sub = getattr(args, "subparser", self)
+            flags = [flag for action in sub._actions for flag in action.option_strings]
+            said = []
+            for token in unknown:
+                close = difflib.get_close_matches(token.split("=")[0], flags, n=1, cutoff=0.6) \
+                    if token.startswith("--") else []
+                said.append(f"{token} (did you mean {close[0]}?)" if close else token)
+            sub.error(f"unrecognized arguments: {' '.join(said)}")
+        return args
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="moshi-eval", description=__doc__.split("\n\n")[0].replace("`", ""),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -189,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=run_demo)
 
     compare = subparsers.add_parser(
-        "compare", help="paired comparison of finished runs on the books they share",
+        "compare", help="paired comparison of finished runs of one task (LibriLight books, likelihood pairs)",
         description=compare_command.DESCRIPTION)
     compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="--out folders of finished runs")
     compare.add_argument("--out", required=True, type=Path, help="folder for compare.json, .md, .csv, .png")
@@ -198,18 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
                               "folders as make them distinct)")
     compare.add_argument("--reference", default=None, help="run the others are compared to (default: the first)")
     compare.add_argument("--report-at", type=_frame_list, default=None,
-                         help="report positions in frames (default: the reference run's own --report-at)")
+                         help="LibriLight: report positions in frames (default: the reference run's own --report-at)")
     compare.add_argument("--report-window", type=_positive_int, default=None,
-                         help="half width of the window means (default: the reference run's own --report-window)")
+                         help="LibriLight: half width of the window means (default: the reference run's own "
+                              "--report-window)")
     compare.add_argument("--bucket", type=_positive_int, default=DEFAULT_BUCKET,
-                         help=f"frames per bucket in the plot (default {DEFAULT_BUCKET})")
-    _add_report_arguments(compare)
+                         help=f"LibriLight: frames per bucket in the plot (default {DEFAULT_BUCKET})")
+    _add_report_arguments(compare, "the books (LibriLight) or the averaging units (likelihood: ids, stories)")
     compare.set_defaults(func=run_compare)
 
     _add_likelihood_parser(subparsers)
     _add_dialogues_parser(subparsers)
     check_module.add_parser(subparsers)
     subparsers.choices["check-streaming"].set_defaults(func=run_check_streaming)
+    zr2021_command.add_parser(subparsers)
+    for sub in subparsers.choices.values():
+        sub.set_defaults(subparser=sub)      # whose usage and flags an unknown flag is reported with
     return parser
 
 
@@ -220,10 +258,15 @@ def _add_likelihood_parser(subparsers: tp.Any) -> None:
         description="Zero-shot likelihood benchmarks: each audio file's log-likelihood under the streaming model "
                     "(its codes teacher forced in the model's audio stream), pairs compared, accuracies "
                     "aggregated as the official scorers do.")
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True, type=Path,
+    p.add_argument("--task", choices=TASKS, default=None, help="the benchmark (required unless --demo)")
+    p.add_argument("--data", type=Path, default=None,
                    help="swuggy/sblimp: the ZeroSpeech 2021 root (lexical/, syntactic/); sstorycloze/tstorycloze: "
-                        "the folder of <n>_<uuid>_correct.wav / _incorrect.wav; salmon: the SALMon root")
+                        "the folder of <n>_<uuid>_correct.wav / _incorrect.wav; salmon: the SALMon root "
+                        "(required unless --demo)")
+    p.add_argument("--demo", action="store_true",
+                   help="score generated minimal pairs (StoryCloze layout, written in OUT/demo_audio) with the "
+                        "small seeded demo model and codec: no download, no checkpoint flag")
+    p.add_argument("--seed", type=int, default=0, help="--demo: seed of the demo model and codec")
     p.add_argument("--out", required=True, type=Path, help="output folder (created; reused to resume)")
     p.add_argument("--split", choices=SPLITS, default="dev", help="swuggy/sblimp split (test: no gold, "
                                                                   "submission only)")
@@ -299,15 +342,25 @@ def run_dialogues(args: argparse.Namespace) -> int:
 
 def run_likelihood(args: argparse.Namespace) -> int:
     run = run_config(args)
-    config = LikelihoodConfig(
-        task=args.task, data=args.data, split=args.split,
-        parts=tuple(x for x in args.parts.split(",") if x) if args.parts else None, text=args.text,
-        user_stream=args.user_stream, batch_size=args.batch_size, chunk=args.chunk, limit=args.limit,
-        strict=args.strict, bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
-        verify_streaming=args.verify_streaming)
+    if args.demo:
+        return _run_likelihood_demo(args, run)
+    missing = [flag for flag, value in (("--task", args.task), ("--data", args.data)) if value is None]
+    if missing:
+        raise UsageError(f"likelihood: {' and '.join(missing)} required (or --demo for generated pairs and the "
+                         "demo model).")
     source, hasher, resolved = _checkpoint(args, run)
-    return run_task(_task_run(LikelihoodTask(config), run, resolved.load, resolved.identity, source.device, hasher,
-                              args))
+    return run_task(_task_run(LikelihoodTask(_likelihood_config(args, args.task, args.data)), run, resolved.load,
+                              resolved.identity, source.device, hasher, args))
+
+
+def _likelihood_config(args: argparse.Namespace, task: str, data: Path, **fixed: tp.Any) -> LikelihoodConfig:
+    values = dict(vars(args), **fixed)
+    return LikelihoodConfig(
+        task=task, data=data, split=values["split"],
+        parts=tuple(x for x in values["parts"].split(",") if x) if values["parts"] else None,
+        text=values["text"], user_stream=values["user_stream"], batch_size=values["batch_size"],
+        chunk=values["chunk"], limit=values["limit"], strict=values["strict"], bootstrap=values["bootstrap"],
+        bootstrap_seed=values["bootstrap_seed"], verify_streaming=values["verify_streaming"])
 
 
 def _checkpoint(args: argparse.Namespace, run: RunConfig) -> tuple[ModelSource, FileHasher, tp.Any]:
@@ -351,41 +404,74 @@ def run_demo(args: argparse.Namespace) -> int:
     run = run_config(args)
     audio_dir = run.out / "demo_audio" / "librilight_demo"   # where `demo_audiobook` puts it
     config = from_values(LibriLightConfig, dict(vars(args), audio_dir=audio_dir))
-    identity = {"demo": True, "seed": args.seed, "lm_kwargs": demo.DEMO_LM_KWARGS,
-                "mimi_config": demo.DEMO_MIMI_CONFIG, "dtype": "float32"}
     codec_seed = args.seed if args.codec_seed is None else args.codec_seed
-    if codec_seed != args.seed:      # Only then: the configuration of earlier demo runs stays the same.
-        identity["codec_seed"] = codec_seed
-
-    def load() -> LoadedCheckpoint:
-        return LoadedCheckpoint(demo.demo_lm(args.seed), demo.demo_mimi(codec_seed), None, identity)
-
+    identity, load = _demo_model(args.seed, codec_seed)
     _check_loggers(args)
     # The book is written once --out is locked and its configuration checked: never into a foreign --out.
     task = LibriLightTask(config, prepare_data=lambda: demo.demo_audiobook(audio_dir.parent))
     code = run_task(_task_run(task, run, load, identity, "cpu", _hasher(run), args))
-    return code if code != 0 else _demo_likelihood(args, run, codec_seed)
+    if code != 0:
+        return code
+    # The likelihood part: generated minimal pairs (StoryCloze layout) scored by the same model, in OUT/likelihood.
+    pairs = LikelihoodConfig("sstorycloze", run.out / "demo_audio" / "likelihood_demo", text="pad",
+                             user_stream=args.user_stream, batch_size=3, chunk=args.chunk,
+                             bootstrap=min(args.bootstrap, 1000), verify_streaming=args.verify_streaming)
+    code, result = _run_demo_pairs(args, replace(run, out=run.out / "likelihood"), pairs, args.seed, codec_seed,
+                                   log=False)      # the loggers get the demo's LibriLight run, as before
+    if result is not None:
+        acc = result.accuracies["sum"]["overall"]
+        print(f"moshi-eval demo likelihood: {len(result.data.pairs)} generated minimal pairs (right vs reversed "
+              f"ending), accuracy {acc['accuracy']:.3f} (random weights: plumbing, not a trained model); "
+              f"results in {run.out / 'likelihood'}")
+    return code
+
+
+def _demo_model(seed: int, codec_seed: int) -> tuple[dict, tp.Callable[[], LoadedCheckpoint]]:
+    """The identity and the loader of the seeded demo model and codec."""
+    from .. import demo
+    identity = {"demo": True, "seed": seed, "lm_kwargs": demo.DEMO_LM_KWARGS,
+                "mimi_config": demo.DEMO_MIMI_CONFIG, "dtype": "float32"}
+    if codec_seed != seed:      # Only then: the configuration of earlier demo runs stays the same.
+        identity["codec_seed"] = codec_seed
+
+    def load() -> LoadedCheckpoint:
+        return LoadedCheckpoint(demo.demo_lm(seed), demo.demo_mimi(codec_seed), None, identity)
+
+    return identity, load
+
+
+def _run_demo_pairs(args: argparse.Namespace, run: RunConfig, config: LikelihoodConfig, seed: int,
+                    codec_seed: int, log: bool = True) -> tuple[int, tp.Any]:
+    """A likelihood run of the demo model on generated minimal pairs, written into `config.data` once the output
+    folder is locked and checked (`log`: to the loggers of the flags). Returns the exit code and the result (None
+    unless 0)."""
+    from .. import demo
+    identity, load = _demo_model(seed, codec_seed)
+    task = LikelihoodTask(config, prepare_data=lambda: demo.demo_minimal_pairs(Path(config.data).parent))
+    task_run = _task_run(task, run, load, identity, "cpu", _hasher(run), args)
+    return run_task(task_run if log else replace(task_run, after=None), keep_result=True)
+
+
+def _run_likelihood_demo(args: argparse.Namespace, run: RunConfig) -> int:
+    """`likelihood --demo`: the command's scoring flags on generated pairs and the demo model."""
+    given = [flag for flag, value in (("--data", args.data), ("--hf-repo", args.hf_repo),
+                                      ("--moshi-weight", args.moshi_weight), ("--mimi-weight", args.mimi_weight),
+                                      ("--tokenizer", args.tokenizer), ("--config", args.config),
+                                      ("--mimi-config", args.mimi_config), ("--lora-weight", args.lora_weight),
+                                      ("--checkpoint-dir", args.checkpoint_dir), ("--device", args.device),
+                                      ("--dtype", args.dtype)) if value is not None]
+    if args.task not in (None, "sstorycloze"):
+        given.insert(0, f"--task {args.task}")
+    if given:
+        raise UsageError(f"likelihood --demo scores generated StoryCloze pairs with the demo model (float32, CPU): "
+                         f"drop {', '.join(given)}.")
+    _check_loggers(args)
+    config = _likelihood_config(args, "sstorycloze", run.out / "demo_audio" / "likelihood_demo")
+    return _run_demo_pairs(args, run, config, args.seed, args.seed)[0]
 
 
 def run_check_streaming(args: argparse.Namespace) -> int:
     return check_module.run_check_streaming(from_values(CheckStreamingConfig, args))
-
-
-def _demo_likelihood(args: argparse.Namespace, run: RunConfig, codec_seed: int) -> int:
-    """The demo's likelihood part: generated minimal pairs (StoryCloze layout) scored by the demo model."""
-    from .. import demo
-    from ..tasks.likelihood import evaluate_likelihood
-    data = demo.demo_minimal_pairs(run.out / "demo_audio")
-    config = LikelihoodConfig("sstorycloze", data, text="pad", user_stream=args.user_stream, batch_size=3,
-                              chunk=args.chunk, bootstrap=min(args.bootstrap, 1000), progress=False,
-                              cache_dir=None if run.no_cache else run.cache_dir)
-    result = evaluate_likelihood(demo.demo_lm(args.seed), demo.demo_mimi(codec_seed), config)
-    result.write(run.out / "likelihood", {"model": {"demo": True, "seed": args.seed}})
-    acc = result.accuracies["sum"]["overall"]
-    print(f"moshi-eval demo likelihood: {len(result.data.pairs)} generated minimal pairs (right vs reversed "
-          f"ending), accuracy {acc['accuracy']:.3f} (random weights: plumbing, not a trained model); "
-          f"results in {run.out / 'likelihood'}")
-    return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -396,7 +482,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     """Entry point of the `moshi-eval` console script. Returns (and, as a script, exits with) the code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
     args.argv = argv
     # SIGTERM stops the run like Ctrl-C from the first instruction on, before any file is touched (hashing
     # weights, reading chapters) or a torchrun rendezvous is joined; the runner turns it into a resume hint.

@@ -4,9 +4,10 @@ The runs are paired on the pairs both scored (same right and wrong file). For ea
 accuracy over the shared averaging units (ZeroSpeech ids, stories, SALMon samples: the official aggregation),
 the difference B - A of the per-unit scores with a paired bootstrap interval over units (resampling units
 removes the difficulty both runs share), and the share of pairs on which the two runs disagree. SALMon runs
-are compared per part. Runs of different benchmarks, splits or data folders are refused, and so are runs scored with
-another text or user stream (only the model may differ). Files are identified by the sha256 of the audio each run
-scored (`items.csv`): a pair is shared only if both runs scored the same two recordings. A smoke run (`--limit`) is
+are compared per part. Runs of different benchmarks or splits are refused, and so are runs scored with another text
+or user stream (only the model may differ). Files are identified by the sha256 of the audio each run scored
+(`items.csv`): a pair is shared only if both runs scored the same two recordings, wherever they lie (two copies of
+the benchmark are one benchmark; a note says the folders differ). A smoke run (`--limit`) is
 named: its accuracies are over the shared pairs only.
 """
 import csv
@@ -22,7 +23,7 @@ from ..files.folder import ReportError, RunFolder, write_json, write_text
 from ..stats.bootstrap import paired_bootstrap
 from ..tasks.likelihood import ITEMS_CSV, NORMALIZATIONS, PAIRS_CSV, pair_score
 
-MATCHING_KEYS = ("benchmark", "data", "split")
+MATCHING_KEYS = ("benchmark", "split")
 SCORING_KEYS = ("text", "user_stream")
 
 
@@ -81,12 +82,23 @@ def compare_likelihood(a: LikelihoodRun, b: LikelihoodRun, resamples: int, seed:
     if scored:
         raise LikelihoodCompareError(f"runs {a.name} and {b.name} were scored differently ({'; '.join(scored)}): "
                                      "only the model may differ.")
+    notes = []
+    if ca.get("data") != cb.get("data"):
+        # Files are paired by the sha256 of the audio scored: the same recordings in two folders are the same
+        # files. Runs that predate it are keyed by file name, which another folder may reuse for other audio.
+        by_name = [r.name for r in (a, b) if any(key.startswith("name:") for key in r.scores)]
+        if by_name:
+            raise LikelihoodCompareError(
+                f"runs {a.name} and {b.name} scored different data folders ({ca.get('data')!r} vs "
+                f"{cb.get('data')!r}) and {', '.join(by_name)} records no sha256 of its files (items.csv): the "
+                "same file names may hold other audio. Rescore it with this version, or compare runs of one folder.")
+        notes.append(f"data folders differ ({a.name}: {ca.get('data')}, {b.name}: {cb.get('data')}): pairs are "
+                     "matched on the recordings both scored (sha256 of the audio)")
     shared = sorted(set(a.pairs) & set(b.pairs))
     if not shared:
         raise LikelihoodCompareError(f"runs {a.name} and {b.name} share no scored pair (same two recordings).")
     groups = sorted({a.pairs[p][1] for p in shared})
     smoke = [r.name for r in (a, b) if r.smoke_run]
-    notes = []
     if smoke or len(shared) < max(len(a.pairs), len(b.pairs)):
         notes.append(f"accuracies over the {len(shared)} pairs both runs scored"
                      + (f"; smoke run (--limit): {', '.join(smoke)}" if smoke else "")

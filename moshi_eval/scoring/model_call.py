@@ -2,8 +2,8 @@
 
 - `caller_ranks()`: the ranks of the caller's process group (a torchrun training job), never initialised here;
 - `check_model(lm_model)`: a moshi LMModel, not streaming already;
-- `scoring_mode(lm_model)`: eval mode, no autograd and `requires_grad` off on every parameter for the call, every
-  module's training flag and every parameter's `requires_grad` restored after, also when the call raises;
+- `scoring_mode(lm_model)`: eval mode, no autograd and `requires_grad` on for every floating point parameter for
+  the call, every module's training flag and every parameter's `requires_grad` restored after, also when it raises;
 - `raise_if_any_failed(ranks, error, what)`: an error on one rank raised on every rank (a `RankFailedError`
   naming it on the others), instead of the others waiting forever in the next collective step; `on_every_rank`
   and `score_model` wrap a step in it.
@@ -89,20 +89,23 @@ def check_model(lm_model: tp.Any) -> None:
 
 @contextmanager
 def scoring_mode(lm_model: torch.nn.Module) -> tp.Iterator[None]:
-    """`lm_model` in eval mode (dropout off) under `torch.no_grad()`, with `requires_grad` off on every parameter,
-    for the block; every module's training flag and every parameter's `requires_grad` are restored on exit, also
-    on an exception (a model in training mode, or with trainable parameters, is not an error here).
+    """`lm_model` in eval mode (dropout off) under `torch.no_grad()`, with `requires_grad` on for every floating
+    point parameter, for the block; every module's training flag and every parameter's `requires_grad` are
+    restored on exit, also on an exception (a model in training mode, or frozen, is not an error here).
 
-    `requires_grad` is turned off because torch can pick another kernel for a weight that requires grad, even
-    under `no_grad` (seen: the depformer's input projections, CPU float32, 2e-7 apart, 5e-7 on a cross-entropy):
-    the scores of a model in the middle of a training run would otherwise not be bitwise those of the same model
-    loaded frozen (the CLI's)."""
+    The flags are made the same for every caller because torch picks its matmul kernel by them, even under
+    `no_grad`: the scores of a model in the middle of a training run (frozen base, trainable LoRA) are then bitwise
+    those of the same weights loaded frozen by the CLI. They are set on, not off, because `torch.matmul` folds a
+    `[N, T, D]` input that is not viewable as `[N * T, D]` (the depformer's per-codebook slices `x[:, k:k + 1]`
+    in its multi-linear layers) into one matrix product only for a weight that requires grad; for a frozen one it
+    multiplies by the weight expanded `N` times (`bmm`), much slower on a CPU (bench/dialogue.py, 118M model: the
+    whole evaluation at 0.51x of a batched forward with the flags off, 0.89x with them on)."""
     modes = [(module, module.training) for module in lm_model.modules()]
     flags = [(param, param.requires_grad) for param in lm_model.parameters()]
     try:
         lm_model.eval()
         for param, _ in flags:
-            param.requires_grad_(False)
+            param.requires_grad_(param.is_floating_point() or param.is_complex())
         with torch.no_grad():
             yield
     finally:

@@ -15,7 +15,8 @@ processes: its numbers are bitwise the same.
 
 The model comes back as it was given: every module's training flag is restored (a model in training mode is scored
 in eval mode, dropout off), nothing is written to its parameters, scoring runs under `torch.no_grad()` with
-`requires_grad` off for the call (restored after), and its streaming state is opened and closed by the call (a model
+`requires_grad` on for every parameter for the call (restored after: torch picks its matmul kernels by it, and
+this is the fast and common choice), and its streaming state is opened and closed by the call (a model
 already streaming is refused). The model stays on its device and dtype; the codes go to it.
 
 Under torch.distributed (the caller's `torchrun` job, a process group already initialised): build the evaluator and

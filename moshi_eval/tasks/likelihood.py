@@ -682,9 +682,10 @@ class LikelihoodTask:
     unit = "batch"
     units_dir = ITEMS_DIR
 
-    def __init__(self, config: LikelihoodConfig) -> None:
+    def __init__(self, config: LikelihoodConfig, prepare_data: tp.Callable[[], tp.Any] | None = None) -> None:
         config.validate()
         self.config = config
+        self.prepare_data = prepare_data    # the demo writes its audio once the folder is locked and checked
 
     def identity(self, device: tp.Any) -> dict:
         return self.config.identity()
@@ -692,6 +693,8 @@ class LikelihoodTask:
     def evaluator(self, mimi: tp.Any, ranks: distributed.Ranks, cache_dir: Path | None, hasher: FileHasher,
                   progress: bool) -> LikelihoodEvaluator:
         from dataclasses import replace
+        if self.prepare_data is not None:
+            self.prepare_data()
         config = replace(self.config, cache_dir=cache_dir, progress=progress)
         self._hasher = hasher
         return LikelihoodEvaluator(mimi, config, ranks, encode=False, hasher=hasher)
