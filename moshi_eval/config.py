@@ -2,6 +2,7 @@
 
 - `LibriLightConfig`: the books (LibriLight layout) and how they are scored and reported;
 - `LikelihoodConfig`: a likelihood benchmark (sWUGGY, sBLIMP, StoryCloze, SALMon) and how it is scored;
+- `DialogueConfig`: moshi-finetune dialogue data (a jsonl) and how it is scored;
 - `CheckStreamingConfig`: `moshi-eval check-streaming`;
 - `RunConfig`: where and how a command line run works (output folder, code cache, threads, progress bars);
 - `ModelSource`: where a checkpoint comes from (the `moshi.models.loaders.CheckpointInfo` files).
@@ -24,6 +25,11 @@ from .scoring.loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .scoring.sequences import DEFAULT_CHUNK, USER_STREAMS
 from .stats.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .stats.metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
+
+# The dialogue task's text lengths (moshi-finetune's quirk on partial windows, or the audio's) and its default
+# window: moshi-finetune's example config (duration_sec: 100).
+TEXT_LENGTHS = ("finetune", "audio")
+DEFAULT_DURATION = 100.0
 
 
 class ConfigError(MoshiEvalError, ValueError):
@@ -109,7 +115,9 @@ class LibriLightConfig:
     window means), `bucket` (frames per bucket), `bootstrap` resamples of the books (0: no interval) and their
     `bootstrap_seed`, `log_x` (plot axis). `verify_streaming`: a model with streaming modules this project does
     not know has its chunked path checked against one frame per call first (a few seconds; an error if they
-    differ).
+    differ). `threads`: torch CPU threads for each evaluator call (None: as they are; restored after): the numbers
+    of a CPU run depend on the count at rounding level, so a CLI rerun of a training loop's eval is bitwise with
+    the same count (results.json's `runtime.threads` records it). Not part of what a resumed run must match.
     """
     audio_dir: Path | None = None
     num_books: int | None = None
@@ -129,6 +137,7 @@ class LibriLightConfig:
     strict: bool = False
     log_x: bool = False
     verify_streaming: bool = True
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.audio_dir is not None:
@@ -138,7 +147,7 @@ class LibriLightConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field out of range."""
-        for name in ("num_books", "min_frames", "max_chapters", "max_frames"):
+        for name in ("num_books", "min_frames", "max_chapters", "max_frames", "threads"):
             positive_int(name, getattr(self, name), optional=True)
         for name in ("chunk", "batch_size", "report_window", "bucket"):
             positive_int(name, getattr(self, name))
@@ -168,7 +177,7 @@ class LikelihoodConfig:
     length), `chunk` (frames per streaming call); `limit`: the first N pairs only (a smoke run); `strict`: a
     skipped file or pair is an error; `bootstrap` resamples of the averaging units and their seed; `progress`: a
     tqdm bar (default off, as in a training log); `cache_dir`: the Mimi code cache (None: no cache);
-    `verify_streaming`: as `LibriLightConfig.verify_streaming`."""
+    `verify_streaming`: as `LibriLightConfig.verify_streaming`; `threads`: as `LibriLightConfig.threads`."""
     task: str
     data: Path
     split: str = "dev"
@@ -184,6 +193,7 @@ class LikelihoodConfig:
     progress: bool = False
     cache_dir: Path | None = None
     verify_streaming: bool = True
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.parts is not None:
@@ -198,6 +208,7 @@ class LikelihoodConfig:
         positive_int("batch_size", self.batch_size)
         positive_int("chunk", self.chunk)
         positive_int("limit", self.limit, optional=True)
+        positive_int("threads", self.threads, optional=True)
         non_negative_int("bootstrap", self.bootstrap)
         if self.parts is not None:
             if self.task != "salmon":
@@ -252,6 +263,58 @@ class ModelSource:
 
 
 C = tp.TypeVar("C")
+
+
+@dataclass
+class DialogueConfig:
+    """The dialogue task: moshi-finetune data and how it is scored. `jsonl`: the manifest; `duration`: window
+    seconds (None: whole files); `batch_size`: consecutive windows per batch; `text_padding_weight`,
+    `first_codebook_weight`: the weights of the weighted means (moshi-finetune's example config: 0.5 and 100);
+    `chunk`: frames per streaming call; `text_length`: "finetune" (its text length quirk) or "audio";
+    `drop_last`, `max_batches`: moshi-finetune's eval drops a trailing short batch and reads 40 batches;
+    `report_at`: frames of `audio_ce@F`; `verify_streaming`; `progress`: a tqdm bar; `cache_dir`: the Mimi code
+    cache (None: none); `threads`: torch CPU threads for each call (None: as they are)."""
+    jsonl: Path
+    duration: float | None = DEFAULT_DURATION
+    batch_size: int = 4
+    text_padding_weight: float = 1.0
+    first_codebook_weight: float = 1.0
+    chunk: int = DEFAULT_CHUNK
+    text_length: str = "finetune"
+    drop_last: bool = False
+    max_batches: int | None = None
+    report_at: tuple[int, ...] = ()
+    verify_streaming: bool = True
+    progress: bool = False
+    cache_dir: Path | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.jsonl = Path(self.jsonl)
+        self.report_at = tuple(self.report_at)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field out of range."""
+        if self.duration is not None:
+            positive_float("duration", self.duration)
+        positive_int("batch_size", self.batch_size)
+        positive_int("chunk", self.chunk)
+        positive_int("max_batches", self.max_batches, optional=True)
+        positive_int("threads", self.threads, optional=True)
+        positive_float("text_padding_weight", self.text_padding_weight)
+        positive_float("first_codebook_weight", self.first_codebook_weight)
+        choice("text_length", self.text_length, TEXT_LENGTHS)
+        if self.report_at:
+            frame_list("report_at", self.report_at)
+        if not isinstance(self.drop_last, bool):
+            raise ConfigError(f"drop_last (--drop-last): expected True or False, got {self.drop_last!r}.")
+
+    def identity(self) -> dict:
+        """What the numbers depend on besides the model, the tokenizer and the device."""
+        return {"jsonl": os.fsdecode(self.jsonl.resolve()), "duration": self.duration, "batch_size": self.batch_size,
+                "text_padding_weight": self.text_padding_weight, "first_codebook_weight": self.first_codebook_weight,
+                "chunk": self.chunk, "text_length": self.text_length, "drop_last": self.drop_last,
+                "max_batches": self.max_batches, "report_at": list(self.report_at)}
 
 
 def from_values(cls: type[C], values: tp.Mapping[str, tp.Any] | tp.Any) -> C:

@@ -450,3 +450,36 @@ def test_the_training_loop_example_of_the_docs_runs(dataset, monkeypatch):
     exec(compile(code, str(doc), "exec"), namespace)
     (step, metrics), = logged
     assert step == 10 and metrics["dialogue/sequences"] == 2 and "dialogue/loss" in metrics
+
+
+def test_cli_on_a_moshi_finetune_dataset_gives_the_library_numbers_bitwise(dataset, tmp_path, capsys):
+    """`moshi-eval dialogues` on stereo wavs + alignments + a jsonl in moshi-finetune's layout, against
+    `DialogueEvaluator(DialogueBatches(...))` on the same checkpoint loaded by moshi's own loader."""
+    from helpers.checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
+    from moshi_eval.cli.commands import main
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", seed=4)
+    out = tmp_path / "run"
+    argv = ["dialogues", "--jsonl", str(dataset["jsonl"]), "--out", str(out), "--duration", "1.0",
+            "--batch-size", "2", "--text-padding-weight", "0.5", "--first-codebook-weight", "100", "--chunk", "8",
+            "--threads", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache"), *ckpt["cli_args"]]
+    assert main(argv) == 0
+    with RunFolder(out) as folder:
+        cli_metrics = folder.results["metrics"]
+    lm, mimi, tok = load_tiny_checkpoint(ckpt)
+    batches = DialogueBatches(dataset["jsonl"], mimi, tok, duration=1.0, batch_size=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        library = DialogueEvaluator(batches, text_padding_weight=0.5, first_codebook_weight=100.0, chunk=8)(lm)
+    finally:
+        torch.set_num_threads(threads)
+    assert cli_metrics == library.metrics                   # bitwise: the same floats, through results.json
+    assert cli_metrics["dialogue/sequences"] == 5 and "dialogue/loss" in cli_metrics
+    capsys.readouterr()
+    for name, said in (("mono", "mono.wav"), ("noalign", "noalign"), ("missing", "missing.wav")):
+        bad = list(argv)
+        bad[bad.index("--jsonl") + 1] = str(dataset["root"] / f"{name}.jsonl")
+        bad[bad.index("--out") + 1] = str(tmp_path / f"bad_{name}")
+        assert main(bad) == 1
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err

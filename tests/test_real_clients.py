@@ -231,3 +231,44 @@ def test_demo_models_keep_their_weights_and_leave_the_global_generator_alone():
         assert state.keys() == references[name].keys()
         for key, value in state.items():
             assert torch.equal(value, references[name][key]), (name, key)
+
+
+def test_evaluators_set_threads_for_the_call_and_record_them(tmp_path):
+    """`threads` of every evaluator: torch's CPU threads for the call (the numbers of a CPU run depend on the
+    count), restored after, recorded in the runtime; the numbers equal a call made with that many threads."""
+    from moshi_eval import (DialogueEvaluator, LibriLightEvaluator, LikelihoodConfig, LikelihoodEvaluator,
+                            demo_config)
+    from moshi_eval.config import ConfigError
+    from moshi_eval.demo import demo_audiobook, demo_lm, demo_mimi, demo_minimal_pairs
+    mimi, lm = demo_mimi(seed=0), demo_lm(seed=0)
+    batches = [torch.cat([torch.randint(0, lm.text_card, (2, 1, 20)), torch.randint(0, lm.card, (2, lm.n_q, 20))],
+                         dim=1)]
+    book = demo_audiobook(tmp_path)
+    pairs = demo_minimal_pairs(tmp_path)
+
+    def evaluators(threads):
+        return [LibriLightEvaluator(mimi, demo_config(audio_dir=book, max_frames=30, num_books=1, threads=threads)),
+                LikelihoodEvaluator(mimi, LikelihoodConfig("sstorycloze", pairs, text="pad", threads=threads)),
+                DialogueEvaluator(batches, chunk=8, threads=threads)]
+
+    seen: list[int] = []
+    hook = lm.transformer.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pinned = [ev(lm) for ev in evaluators(1)]
+        assert torch.get_num_threads() == 2 and seen and set(seen) == {1}
+        hook.remove()
+        torch.set_num_threads(1)
+        plain = [ev(lm) for ev in evaluators(None)]
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(pinned, plain):
+        assert a.metrics == b.metrics
+    pinned[0].write(tmp_path / "librilight")
+    assert json.loads((tmp_path / "librilight" / "results.json").read_text())["runtime"]["threads"] == 1
+    assert pinned[1].runtime["threads"] == 1 and pinned[2].runtime["threads"] == 1
+    for make in (lambda: demo_config(threads=0), lambda: LikelihoodConfig("sstorycloze", pairs, threads=0).validate(),
+                 lambda: DialogueEvaluator(batches, threads=0)):
+        with pytest.raises(ConfigError, match="threads"):
+            make()

@@ -30,8 +30,8 @@ import typing as tp
 
 from .. import distributed, loggers
 from ..checkpoint import LoadedCheckpoint, resolve_checkpoint
-from ..config import (CheckStreamingConfig, LibriLightConfig, LikelihoodConfig, ModelSource, RunConfig,
-                      default_cache_dir, from_values)
+from ..config import (DEFAULT_DURATION, TEXT_LENGTHS, CheckStreamingConfig, DialogueConfig, LibriLightConfig,
+                      LikelihoodConfig, ModelSource, RunConfig, default_cache_dir, from_values)
 from ..distributed import from_environment, rank_device
 from ..errors import EXIT_INTERRUPTED, MoshiEvalError, UsageError
 from ..files.hashing import FileHasher
@@ -40,8 +40,7 @@ from ..scoring.sequences import DEFAULT_CHUNK, TEXT_MODES, USER_STREAMS
 from ..stats.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from ..stats.metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
 from ..tasks.librilight import LibriLightTask
-from ..data.dialogues import DEFAULT_DURATION, TEXT_LENGTHS
-from ..tasks.dialogue import DialogueConfig, DialogueTask
+from ..tasks.dialogue import DialogueTask
 from ..tasks.likelihood import LikelihoodTask
 from ..tasks.runner import TaskRun, raise_interrupt, run_task
 from . import check_streaming as check_module
@@ -334,7 +333,7 @@ def run_dialogues(args: argparse.Namespace) -> int:
         jsonl=args.jsonl, duration=None if args.whole_files else args.duration, batch_size=args.batch_size,
         text_padding_weight=args.text_padding_weight, first_codebook_weight=args.first_codebook_weight,
         chunk=args.chunk, text_length=args.text_length, drop_last=args.drop_last, max_batches=args.max_batches,
-        report_at=args.report_at, verify_streaming=args.verify_streaming)
+        report_at=args.report_at, verify_streaming=args.verify_streaming, threads=args.threads)
     source, hasher, resolved = _checkpoint(args, run)
     task = DialogueTask(config, resolved.info.tokenizer)
     return run_task(_task_run(task, run, resolved.load, resolved.identity, source.device, hasher, args))
@@ -360,7 +359,8 @@ def _likelihood_config(args: argparse.Namespace, task: str, data: Path, **fixed:
         parts=tuple(x for x in values["parts"].split(",") if x) if values["parts"] else None,
         text=values["text"], user_stream=values["user_stream"], batch_size=values["batch_size"],
         chunk=values["chunk"], limit=values["limit"], strict=values["strict"], bootstrap=values["bootstrap"],
-        bootstrap_seed=values["bootstrap_seed"], verify_streaming=values["verify_streaming"])
+        bootstrap_seed=values["bootstrap_seed"], verify_streaming=values["verify_streaming"],
+        threads=values["threads"])
 
 
 def _checkpoint(args: argparse.Namespace, run: RunConfig) -> tuple[ModelSource, FileHasher, tp.Any]:
@@ -415,7 +415,8 @@ def run_demo(args: argparse.Namespace) -> int:
     # The likelihood part: generated minimal pairs (StoryCloze layout) scored by the same model, in OUT/likelihood.
     pairs = LikelihoodConfig("sstorycloze", run.out / "demo_audio" / "likelihood_demo", text="pad",
                              user_stream=args.user_stream, batch_size=3, chunk=args.chunk,
-                             bootstrap=min(args.bootstrap, 1000), verify_streaming=args.verify_streaming)
+                             bootstrap=min(args.bootstrap, 1000), verify_streaming=args.verify_streaming,
+                             threads=args.threads)
     code, result = _run_demo_pairs(args, replace(run, out=run.out / "likelihood"), pairs, args.seed, codec_seed,
                                    log=False)      # the loggers get the demo's LibriLight run, as before
     if result is not None:

@@ -47,7 +47,7 @@ import numpy as np
 import sphn
 import torch
 
-from ..config import choice, positive_float, positive_int
+from ..config import DEFAULT_DURATION, TEXT_LENGTHS, choice, positive_float, positive_int
 from ..files.hashing import FileHasher
 from .codes import CodeCache, codec_identity, encode_audio, encoding_setting
 from .librilight import TRUNCATION_SLACK_SECONDS, AudioReadError, DataError, check_audio_file, resample
@@ -59,8 +59,6 @@ SAMPLE_RATE = 24000               # Mimi's sample rate
 TEXT_PADDING_ID = 3               # moshi-finetune's Interleaver(text_padding=3): Moshi's text padding id
 END_OF_PADDING_ID = 0             # Interleaver(end_of_text_padding=0): Moshi's end-of-padding id
 MAIN_SPEAKER = "SPEAKER_MAIN"     # the only speaker whose words are kept (keep_main_only=True)
-TEXT_LENGTHS = ("finetune", "audio")
-DEFAULT_DURATION = 100.0          # moshi-finetune's example config (duration_sec: 100)
 # A word may end a little after the audio (aligners round up); one that starts after it, or ends this much later,
 # belongs to another file.
 ALIGNMENT_SLACK_SECONDS = 0.5

@@ -6,7 +6,7 @@
   the call, every module's training flag and every parameter's `requires_grad` restored after, also when it raises;
 - `raise_if_any_failed(ranks, error, what)`: an error on one rank raised on every rank (a `RankFailedError`
   naming it on the others), instead of the others waiting forever in the next collective step; `on_every_rank`
-  and `score_model` wrap a step in it.
+  and `score_model` wrap a step in it (`score_model` also sets torch's CPU threads for the call, `torch_threads`).
 """
 from contextlib import contextmanager
 import os
@@ -69,12 +69,28 @@ def on_every_rank(ranks: distributed.Ranks, what: str, fn: tp.Callable[[], T]) -
     return tp.cast(T, result)
 
 
-def score_model(ranks: distributed.Ranks, lm_model: torch.nn.Module, fn: tp.Callable[[], T]) -> T:
-    """`fn()` with `lm_model` in `scoring_mode`, on every rank (`on_every_rank`, "scoring")."""
+def score_model(ranks: distributed.Ranks, lm_model: torch.nn.Module, fn: tp.Callable[[], T],
+                threads: int | None = None) -> T:
+    """`fn()` with `lm_model` in `scoring_mode` and torch's CPU threads set to `threads` (None: as they are), on
+    every rank (`on_every_rank`, "scoring")."""
     def scored() -> T:
-        with scoring_mode(lm_model):
+        with torch_threads(threads), scoring_mode(lm_model):
             return fn()
     return on_every_rank(ranks, "scoring", scored)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> tp.Iterator[None]:
+    """torch's intra-op CPU threads set to `threads` for the block (None: unchanged), restored after. The numbers
+    of a CPU run depend on it at rounding level (the reduction order): a CLI rerun of a training loop's eval is
+    bitwise only with the same count."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_model(lm_model: tp.Any) -> None:
@@ -116,4 +132,4 @@ def scoring_mode(lm_model: torch.nn.Module) -> tp.Iterator[None]:
 
 
 __all__ = ["RankFailedError", "caller_ranks", "check_model", "on_every_rank", "raise_if_any_failed", "score_model",
-           "scoring_mode"]
+           "scoring_mode", "torch_threads"]

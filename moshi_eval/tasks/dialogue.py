@@ -44,9 +44,9 @@ from tqdm import tqdm
 from moshi_patch import LMGen, teacher_force
 
 from .. import distributed
-from ..config import ConfigError, choice, frame_list, positive_float, positive_int
+from ..config import DialogueConfig, frame_list, positive_float, positive_int
 from ..data.codes import device_kind, encoding_setting
-from ..data.dialogues import DEFAULT_DURATION, TEXT_LENGTHS, DialogueBatches
+from ..data.dialogues import DialogueBatches
 from ..data.librilight import DataError
 from ..files.folder import OutputFolder, folder_command
 from ..files.hashing import FileHasher
@@ -484,6 +484,8 @@ class DialogueEvaluator:
             against one frame per call first (once per model structure).
         progress: a tqdm bar over the batches (rank 0).
         report_at: frames at which `audio_ce@F` and `text_ce@F` are reported (means over F +- 12 frames).
+        threads: torch CPU threads for the call (None: as they are; restored after): a CLI rerun gives bitwise
+            the same numbers with the same count (results.json's `runtime.threads` records it).
     Raises:
         TypeError: `batches` is a one-shot iterator or not iterable; ValueError: no batch; ConfigError: a bad option.
     """
@@ -493,7 +495,7 @@ class DialogueEvaluator:
     def __init__(self, batches: tp.Iterable[torch.Tensor], *, text_padding_weight: float = 1.0,
                  first_codebook_weight: float = 1.0, chunk: int = DEFAULT_CHUNK,
                  ranks: distributed.Ranks | None = None, verify_streaming: bool = True, progress: bool = False,
-                 report_at: tp.Sequence[int] = ()) -> None:
+                 report_at: tp.Sequence[int] = (), threads: int | None = None) -> None:
         if isinstance(batches, torch.Tensor):
             raise TypeError("batches: expected a list of code tensors [B, 1 + n_q, T], got one tensor: pass "
                             "[codes] for a single batch.")
@@ -514,6 +516,7 @@ class DialogueEvaluator:
         self.ranks = ranks if ranks is not None else caller_ranks()
         self.verify_streaming = verify_streaming
         self.progress = progress
+        self.threads = positive_int("threads", threads, optional=True)
         self._verify = StreamingVerifier()
 
     def identity(self) -> dict:
@@ -549,7 +552,8 @@ class DialogueEvaluator:
         """
         check_model(lm_model)
         start = time.perf_counter()
-        gathered = self.ranks.gather(score_model(self.ranks, lm_model, lambda: self._score(lm_model, store)))
+        gathered = self.ranks.gather(score_model(self.ranks, lm_model, lambda: self._score(lm_model, store),
+                                                 self.threads))
         sums = DialogueSums.empty(lm_model.dep_q)
         digests: dict[int, str] = {}
         runtime: dict[str, tp.Any] = {"score_seconds": 0.0, "encode_seconds": 0.0, "batches_scored_this_run": 0,
@@ -572,7 +576,8 @@ class DialogueEvaluator:
             "sha256": hashlib.sha256("".join(digests[i] for i in sorted(digests)).encode()).hexdigest()}
         tokens = int(sums.text_tokens.sum() + sums.audio_tokens.sum())
         seconds = runtime["score_seconds"]
-        runtime.update(processes=self.ranks.world, device=str(lm_model.device), tokens_per_s=tokens / seconds
+        runtime.update(processes=self.ranks.world, device=str(lm_model.device),
+                       threads=self.threads or torch.get_num_threads(), tokens_per_s=tokens / seconds
                        if seconds and runtime["batches_scored_this_run"] else None,
                        chunks=sum_chunk_summaries(chunks), total_seconds=time.perf_counter() - start)
         metrics = dialogue_metrics(sums, self.text_padding_weight, self.first_codebook_weight, self.report_at)
@@ -644,56 +649,6 @@ class DialogueEvaluator:
 
 # --- configuration and the runner's task ---------------------------------------------------------------------------
 
-@dataclass
-class DialogueConfig:
-    """The dialogue task: moshi-finetune data and how it is scored. `jsonl`: the manifest; `duration`: window
-    seconds (None: whole files); `batch_size`: consecutive windows per batch; `text_padding_weight`,
-    `first_codebook_weight`: the weights of the weighted means (moshi-finetune's example config: 0.5 and 100);
-    `chunk`: frames per streaming call; `text_length`: "finetune" (its text length quirk) or "audio";
-    `drop_last`, `max_batches`: moshi-finetune's eval drops a trailing short batch and reads 40 batches;
-    `report_at`: frames of `audio_ce@F`; `verify_streaming`; `progress`: a tqdm bar; `cache_dir`: the Mimi code
-    cache (None: none)."""
-    jsonl: Path
-    duration: float | None = DEFAULT_DURATION
-    batch_size: int = 4
-    text_padding_weight: float = 1.0
-    first_codebook_weight: float = 1.0
-    chunk: int = DEFAULT_CHUNK
-    text_length: str = "finetune"
-    drop_last: bool = False
-    max_batches: int | None = None
-    report_at: tuple[int, ...] = ()
-    verify_streaming: bool = True
-    progress: bool = False
-    cache_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        self.jsonl = Path(self.jsonl)
-        self.report_at = tuple(self.report_at)
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first field out of range."""
-        if self.duration is not None:
-            positive_float("duration", self.duration)
-        positive_int("batch_size", self.batch_size)
-        positive_int("chunk", self.chunk)
-        positive_int("max_batches", self.max_batches, optional=True)
-        positive_float("text_padding_weight", self.text_padding_weight)
-        positive_float("first_codebook_weight", self.first_codebook_weight)
-        choice("text_length", self.text_length, TEXT_LENGTHS)
-        if self.report_at:
-            frame_list("report_at", self.report_at)
-        if not isinstance(self.drop_last, bool):
-            raise ConfigError(f"drop_last (--drop-last): expected True or False, got {self.drop_last!r}.")
-
-    def identity(self) -> dict:
-        """What the numbers depend on besides the model, the tokenizer and the device."""
-        return {"jsonl": os.fsdecode(self.jsonl.resolve()), "duration": self.duration, "batch_size": self.batch_size,
-                "text_padding_weight": self.text_padding_weight, "first_codebook_weight": self.first_codebook_weight,
-                "chunk": self.chunk, "text_length": self.text_length, "drop_last": self.drop_last,
-                "max_batches": self.max_batches, "report_at": list(self.report_at)}
-
-
 def _load_tokenizer(text_tokenizer: tp.Any) -> tp.Any:
     if isinstance(text_tokenizer, (str, os.PathLike)):
         import sentencepiece
@@ -744,7 +699,8 @@ class DialogueTask:
                                   cache_dir=cache_dir, keep=False, hasher=hasher)
         return DialogueEvaluator(batches, text_padding_weight=c.text_padding_weight,
                                  first_codebook_weight=c.first_codebook_weight, chunk=c.chunk, ranks=ranks,
-                                 verify_streaming=c.verify_streaming, progress=progress, report_at=c.report_at)
+                                 verify_streaming=c.verify_streaming, progress=progress, report_at=c.report_at,
+                                 threads=c.threads)
 
     def store(self, folder: OutputFolder, ranks: distributed.Ranks) -> DialogueStore:
         return DialogueStore(folder, ranks.tag)

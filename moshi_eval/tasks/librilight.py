@@ -395,7 +395,7 @@ class EvalResult:
                                                    "misses": sum(c["misses"] for c in caches)},
             "device": str(self._model.device),
             "processes": len(reports),
-            "threads": torch.get_num_threads(),
+            "threads": ev.config.threads or torch.get_num_threads(),
             "chunks": sum_chunk_summaries([r.chunks for r in reports]),
         }
         run_config = dict(folder.config or {}, num_books=config.num_books, min_frames=config.min_frames,
@@ -549,7 +549,8 @@ class LibriLightEvaluator:
         check_codec_fits(lm_model, self.mimi)
         start = time.perf_counter()
         finished: dict[str, dict[str, np.ndarray]] = {}
-        mine = score_model(self.ranks, lm_model, lambda: self._score(lm_model, store, finished))
+        mine = score_model(self.ranks, lm_model, lambda: self._score(lm_model, store, finished),
+                           self.config.threads)
         gathered = self.ranks.gather((finished, mine))
         self._gather_skipped()
         every: dict[str, dict[str, np.ndarray]] = {}

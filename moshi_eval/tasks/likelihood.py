@@ -559,7 +559,8 @@ class LikelihoodEvaluator:
         check_model(lm_model)
         check_codec_fits(lm_model, self.mimi)    # as LibriLightEvaluator: a named error, not a slice of the codes
         start = time.perf_counter()
-        gathered = self.ranks.gather(score_model(self.ranks, lm_model, lambda: self._score(lm_model, store)))
+        gathered = self.ranks.gather(score_model(self.ranks, lm_model, lambda: self._score(lm_model, store),
+                                                 self.config.threads))
         scores: dict[str, ItemScore] = {}
         skipped_files: list[dict] = []
         identities: dict[str, str] = {}
@@ -583,7 +584,7 @@ class LikelihoodEvaluator:
         frames, seconds = runtime["frames"], runtime["score_seconds"]
         runtime.update(files_per_s=runtime["files_scored_this_run"] / seconds if seconds else None,
                        frames_per_s=frames / seconds if seconds else None, device=str(lm_model.device),
-                       threads=torch.get_num_threads(), total_seconds=time.perf_counter() - start)
+                       threads=config.threads or torch.get_num_threads(), total_seconds=time.perf_counter() - start)
         out = LikelihoodResult(config, data, scores, accuracies, data.skipped + skipped_files + left, runtime,
                                identities=identities, resumed=int(runtime["files_resumed"]),
                                is_main=self.ranks.is_main, full_size=self.full_size)
