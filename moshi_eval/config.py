@@ -115,9 +115,9 @@ class LibriLightConfig:
     window means), `bucket` (frames per bucket), `bootstrap` resamples of the books (0: no interval) and their
     `bootstrap_seed`, `log_x` (plot axis). `verify_streaming`: a model with streaming modules this project does
     not know has its chunked path checked against one frame per call first (a few seconds; an error if they
-    differ). `threads`: torch CPU threads for each evaluator call (None: as they are; restored after): the numbers
-    of a CPU run depend on the count at rounding level, so a CLI rerun of a training loop's eval is bitwise with
-    the same count (results.json's `runtime.threads` records it). Not part of what a resumed run must match.
+    differ). `threads`: torch CPU threads for each evaluator call (None: as they are; restored after; recorded in
+    results.json's `runtime.threads`). torch does not promise the same numbers for another count (scoring with 1
+    to 8 threads gave bitwise the same on the machines tested), so it is not part of what a resume must match.
     """
     audio_dir: Path | None = None
     num_books: int | None = None

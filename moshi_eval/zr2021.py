@@ -107,14 +107,27 @@ class _Part:
     scoring: dict
 
 
+# Where a model came from, not what it is: the same weights downloaded or copied elsewhere are the same model.
+_PROVENANCE_KEYS = ("hf_repo", "checkpoint_dir", "model_id")
+
+
 def _model_key(value: tp.Any) -> tp.Any:
-    """The model identity of results.json without where its files lie (paths, mtimes): the same weights copied
-    elsewhere are the same model, their sha256 says so."""
+    """What identifies the model in results.json's `model`: a weight file by its sha256 alone (not its path, size
+    or mtime), the configs and dtype as they are, the provenance keys left out."""
     if isinstance(value, dict):
-        return {k: _model_key(v) for k, v in value.items() if k not in ("path", "mtime", "checkpoint_dir")}
+        if isinstance(value.get("sha256"), str):
+            return {"sha256": value["sha256"]}
+        return {k: _model_key(v) for k, v in value.items() if k not in _PROVENANCE_KEYS}
     if isinstance(value, list):
         return [_model_key(v) for v in value]
     return value
+
+
+def _differences(a: tp.Any, b: tp.Any, prefix: str = "") -> list[str]:
+    """The dotted keys at which two `_model_key`s differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".") or "model"]
 
 
 def check_scores(text: str, where: str) -> int:
@@ -182,8 +195,9 @@ def _plan(parts: list[_Part]) -> tuple[dict[tuple[str, str], _Part], list[str]]:
     first = parts[0]
     for part in parts[1:]:
         if part.model != first.model:
+            keys = _differences(first.model, part.model)
             raise SubmissionError(f"runs of different models: {first.run} and {part.run} (results.json 'model' "
-                                  "differs): a submission holds one model's scores.")
+                                  f"differs in {', '.join(keys[:5])}): a submission holds one model's scores.")
         if part.scoring != first.scoring:
             raise SubmissionError(f"runs scored differently: {first.run} {first.scoring} and {part.run} "
                                   f"{part.scoring}: a submission holds one scoring's numbers.")
@@ -203,7 +217,12 @@ def _plan(parts: list[_Part]) -> tuple[dict[tuple[str, str], _Part], list[str]]:
 
 
 def _yaml(value: tp.Any) -> str:
-    # JSON scalars are YAML scalars, and a quoted string stays a string (an unquoted `off` or `no` would not).
+    """A scalar as YAML 1.1 (the validator's PyYAML) reads it back: JSON scalars, a quoted string stays a string
+    (an unquoted `off` or `no` would not), and a float always has a dot (PyYAML reads `1e+16` as a string)."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        return (mantissa if "." in mantissa else mantissa + ".0") + (e + exponent if e else "")
     return "null" if value is None else json.dumps(value)
 
 
@@ -237,23 +256,27 @@ def _description(parts: list[_Part]) -> str:
 
 
 def write_submission(config: SubmissionConfig) -> Submission:
-    """Assembles the submission folder `config.out` from the runs (see the module docstring). The folder is built
-    beside `out` and renamed into place: a failure leaves no half-written submission.
+    """Assembles the submission folder `config.out` (and its zip) from the runs (see the module docstring). Both are
+    built beside `out` under temporary names and renamed into place at the end: a failure leaves neither.
 
     Raises:
         SubmissionError: no run, runs that are incomplete, of another task, of different models or scorings,
-            clashing splits; an `out` that exists and is not an empty folder; a `code` folder missing or empty.
+            clashing splits; an `out` that exists and is not an empty folder (or is the current folder); a `code`
+            folder missing or empty, or holding a link that leads nowhere.
     """
     if not config.runs:
         raise SubmissionError("runs: expected at least one likelihood run folder (swuggy or sblimp), got none.")
-    out = Path(config.out)
+    out = Path(os.path.abspath(config.out))
+    if out == Path.cwd() or out.parent == out:
+        raise SubmissionError(f"out: {config.out} is the current folder (or a root): give a new folder's name.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SubmissionError(f"out: {out} exists and is not an empty folder; the validator refuses any entry it "
                               "does not expect: give a new folder.")
     zip_path = out.with_name(out.name + ".zip") if config.zip else None
     if zip_path is not None and zip_path.exists():
         raise SubmissionError(f"zip: {zip_path} exists already; remove it or give another out.")
-    if config.code is not None and (not Path(config.code).is_dir() or not any(Path(config.code).iterdir())):
+    code = None if config.code is None else Path(os.path.abspath(config.code))
+    if code is not None and (not code.is_dir() or not any(code.iterdir())):
         raise SubmissionError(f"code: expected a folder holding the code, got {config.code} (missing or empty: the "
                               "validator refuses an open source submission with an empty code/).")
     parts = [_read_part(Path(run)) for run in config.runs]
@@ -266,27 +289,41 @@ def write_submission(config: SubmissionConfig) -> Submission:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staged_zip = staging.with_name(staging.name + ".zip")
     try:
-        (staging / META_YAML).write_text(meta_yaml(meta, config.code is not None, description))
+        (staging / META_YAML).write_text(meta_yaml(meta, code is not None, description))
         for track in SKIPPED_TRACKS + TRACKS:
             (staging / track).mkdir()
         for (track, split), part in by_key.items():
             (staging / track / f"{split}.txt").write_bytes(part.scores)
-        if config.code is not None:
-            shutil.copytree(config.code, staging / "code", symlinks=True)
+        if code is not None:
+            _copy_code(code, staging / "code", skip={staging, out, staged_zip})
         staging.chmod(0o777 & ~_umask())
+        if zip_path is not None:
+            write_zip(staging, staged_zip)
         if out.exists():
             out.rmdir()                                   # empty, checked above
         os.replace(staging, out)
+        if zip_path is not None:
+            os.replace(staged_zip, zip_path)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         raise SubmissionError(f"out: cannot write the submission into {out}: {exc.strerror or exc}.") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if zip_path is not None:
-        write_zip(out, zip_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)        # gone once renamed; left only by a failure
+        staged_zip.unlink(missing_ok=True)
     return Submission(out, {key: part.run for key, part in sorted(by_key.items())}, options, to_fill, zip_path)
+
+
+def _copy_code(code: Path, dest: Path, skip: set[Path]) -> None:
+    """`code` copied to `dest`, links followed (the submission must hold the files, not links out of it), leaving
+    out `skip` (the submission being built, when it lies inside `code`: `--code .`)."""
+    def ignored(folder: str, names: list[str]) -> list[str]:
+        return [name for name in names if Path(folder, name) in skip]
+    try:
+        shutil.copytree(code, dest, symlinks=False, ignore=ignored)
+    except shutil.Error as exc:
+        source, _, why = exc.args[0][0] if exc.args and exc.args[0] else (code, None, str(exc))
+        raise SubmissionError(f"code: cannot copy {source}: {why} (a link that leads nowhere?).") from None
 
 
 def _umask() -> int:
@@ -296,21 +333,15 @@ def _umask() -> int:
 
 
 def write_zip(folder: Path, path: Path) -> None:
-    """`folder` zipped as the validator unpacks it: its entries at the top of the archive (no wrapping folder),
-    every folder an entry of its own (empty ones included); written to a temporary name, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-            for entry in sorted(folder.rglob("*")):
-                name = entry.relative_to(folder).as_posix()
-                if entry.is_dir():
-                    archive.writestr(name + "/", b"")
-                else:
-                    archive.write(entry, name)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise SubmissionError(f"zip: cannot write {path}: {exc.strerror or exc}.") from exc
+    """`folder` zipped into `path` as the validator unpacks it: its entries at the top of the archive (no wrapping
+    folder), every folder an entry of its own (empty ones included)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for entry in sorted(folder.rglob("*")):
+            name = entry.relative_to(folder).as_posix()
+            if entry.is_dir():
+                archive.writestr(name + "/", b"")
+            else:
+                archive.write(entry, name)
 
 
 def print_submission(submission: Submission, file: tp.TextIO | None = None) -> None:

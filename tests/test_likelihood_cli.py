@@ -237,6 +237,20 @@ def test_likelihood_demo_needs_no_checkpoint_and_resumes(tmp_path, capsys):
     assert "drop --data, --moshi-weight" in capsys.readouterr().err
     assert main(["likelihood", "--out", str(tmp_path / "x")]) == 2
     assert "--task and --data required (or --demo" in capsys.readouterr().err
+    assert main(argv[:2] + ["--split", "test", "--no-fuse-lora"] + argv[2:]) == 2     # accepted, then unused
+    assert "drop --no-fuse-lora, --split test" in capsys.readouterr().err
+    assert main(["likelihood", "--task", "swuggy", "--data", "x", "--out", str(tmp_path / "y"), "--seed", "3"]) == 2
+    assert "--seed seeds the demo model" in capsys.readouterr().err
+
+
+def test_choice_hints_read_both_argparse_message_forms(capsys):
+    """Python up to 3.12.7 quotes the choices in `invalid choice` messages, later releases do not."""
+    from moshi_eval.cli.commands import Parser
+    for message in ("argument --task: invalid choice: 'swugy' (choose from 'swuggy', 'sblimp')",
+                    "argument --task: invalid choice: 'swugy' (choose from swuggy, sblimp)"):
+        with pytest.raises(SystemExit):
+            Parser(prog="moshi-eval").error(message)
+        assert "did you mean 'swuggy'?" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, said", [

@@ -266,3 +266,19 @@ def test_write_on_a_rank_other_than_0_writes_nothing(world, tmp_path):
     assert result.write(tmp_path / "rank1") is None and not (tmp_path / "rank1").exists()
     assert np.isfinite(list(result.metrics.values())).all()
     torch.manual_seed(0)
+
+
+def test_a_folder_of_an_earlier_scoring_version_is_refused_not_mixed(world, tmp_path, capsys):
+    """A run folder whose config.json was written by an earlier version of the scoring path (other kernels: numbers
+    apart at rounding level) is refused as it is, naming the versions, instead of resuming its units."""
+    out = tmp_path / "old"
+    assert main(_lik(world, out)) == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["scoring_version"]                      # as written before the key existed (version 1)
+    (out / "config.json").write_text(json.dumps(config))
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(_lik(world, out)) == 1
+    err = capsys.readouterr().err
+    assert "an earlier version of the scoring (scoring_version 1, now 2)" in err and "another --out" in err
+    assert _snapshot(out) == before

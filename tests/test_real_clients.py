@@ -272,3 +272,28 @@ def test_evaluators_set_threads_for_the_call_and_record_them(tmp_path):
                  lambda: DialogueEvaluator(batches, threads=0)):
         with pytest.raises(ConfigError, match="threads"):
             make()
+
+
+def test_a_model_made_under_inference_mode_is_scored_as_any_other(tmp_path):
+    """Its parameters are inference tensors, whose `requires_grad` torch refuses to set on outside inference mode:
+    scoring must not fail on them (nor change their flags), and gives the numbers of the same weights made
+    normally up to float rounding (torch takes its frozen-weight kernels for inference tensors)."""
+    from moshi_eval import LikelihoodConfig, evaluate_likelihood
+    from moshi_eval.demo import demo_lm, demo_mimi, demo_minimal_pairs
+    pairs = demo_minimal_pairs(tmp_path)
+    mimi = demo_mimi(seed=0)
+    with torch.inference_mode():
+        inference_lm = demo_lm(seed=0)
+    inference_lm.requires_grad_(False)
+    assert all(p.is_inference() for p in inference_lm.parameters())
+    config = LikelihoodConfig("sstorycloze", pairs, text="pad")
+    got = evaluate_likelihood(inference_lm, mimi, config)
+    assert not any(p.requires_grad for p in inference_lm.parameters())
+    plain = evaluate_likelihood(demo_lm(seed=0), mimi, config)
+    assert got.scores.keys() == plain.scores.keys()
+    for key, score in got.scores.items():
+        assert score.log_likelihood == pytest.approx(plain.scores[key].log_likelihood, rel=1e-6)
+    with torch.inference_mode():
+        trainable = demo_lm(seed=0)         # made under inference mode, requires_grad left on
+    evaluate_likelihood(trainable, mimi, config)
+    assert all(p.requires_grad for p in trainable.parameters())

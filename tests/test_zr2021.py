@@ -122,7 +122,7 @@ def _copy_run(run: Path, dest: Path, edit=None) -> Path:
 
 
 @pytest.mark.parametrize("case", ["smoke", "twice", "other_model", "other_text", "split_clash", "test_only",
-                                  "not_zerospeech", "out_not_empty", "edited_scores"])
+                                  "not_zerospeech", "out_not_empty", "edited_scores", "dangling_link"])
 def test_runs_that_make_no_submission_are_refused_naming_why(world, tmp_path, capsys, case):
     runs = world["runs"]
     full = list(runs.values())
@@ -137,6 +137,7 @@ def test_runs_that_make_no_submission_are_refused_naming_why(world, tmp_path, ca
         other = _copy_run(runs["syntactic", "test"], tmp_path / "other",
                           lambda b: b["model"]["moshi_weights"].update(sha256="0" * 64))
         given, expected = full[:3] + [other], "different models"
+        expected = "differs in moshi_weights.sha256"
     elif case == "other_text":
         other = _copy_run(runs["syntactic", "test"], tmp_path / "other", lambda b: b["config"].update(text="pad"))
         given, expected = full[:3] + [other], "scored differently"
@@ -152,17 +153,24 @@ def test_runs_that_make_no_submission_are_refused_naming_why(world, tmp_path, ca
         out.mkdir()
         (out / ".DS_Store").write_text("")
         given, expected = full, "not an empty folder"
-    else:
+    elif case == "edited_scores":
         other = _copy_run(runs["lexical", "dev"], tmp_path / "other")
         sub = other / "submission" / "lexical" / "dev.txt"
         sub.write_text(sub.read_text().replace(" ", "  ", 1))
         given, expected = [other], "results.json does not match"
+    else:
+        code = tmp_path / "code_src"
+        code.mkdir()
+        (code / "train.py").write_text("x = 1\n")
+        (code / "gone").symlink_to(tmp_path / "nowhere")
+        given, expected = full, "code: cannot copy"
+        extra = ["--code", str(code), "--zip"]
     before = sorted(p.name for p in out.iterdir()) if out.exists() else None
-    assert _submit(given, out, *META_FLAGS) == 1
+    assert _submit(given, out, *META_FLAGS, *(extra if case == "dangling_link" else [])) == 1
     err = capsys.readouterr().err
     assert expected in err, err
     assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
-    assert not list(tmp_path.glob(".submission.*"))          # no staging folder left
+    assert not list(tmp_path.glob(".submission.*")) and not out.with_name("submission.zip").exists()
 
 
 def test_scores_file_checked_as_the_validator_reads_it():
@@ -190,3 +198,33 @@ def test_library_call_returns_what_it_wrote(world, tmp_path):
     assert sub.runs == dict(sorted(world["runs"].items()))
     with pytest.raises(SubmissionError, match="gpu_budget"):
         SubmissionMeta(gpu_budget=-1)
+
+
+def test_code_of_the_current_folder_links_followed_and_copied_weights(world, tmp_path, monkeypatch, capsys):
+    """`--code .` from a repository holding the submission's folder; a link in the code is copied as its file;
+    runs of the same weights at another path (another mtime, another hf_repo) are one model."""
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "model.py").write_text("print('model')\n")
+    (repo / "link.py").symlink_to(repo / "src" / "model.py")
+    runs = world["runs"]
+    moved = _copy_run(runs["syntactic", "test"], tmp_path / "moved", lambda b: (
+        b["model"]["moshi_weights"].update(path="/elsewhere/model.safetensors", mtime_ns=1),
+        b["model"].update(hf_repo="someone/else")))
+    monkeypatch.chdir(repo)
+    given = [runs["lexical", "dev"], runs["lexical", "test"], runs["syntactic", "dev"], moved]
+    assert _submit(given, Path("zr2021-sub"), *META_FLAGS, "--code", ".", "--zip") == 0, capsys.readouterr().err
+    out = repo / "zr2021-sub"
+    validate(world["data"], out)
+    validate(world["data"], repo / "zr2021-sub.zip")
+    assert sorted(p.name for p in (out / "code").iterdir()) == ["link.py", "src"]   # not itself, nor its zip
+    assert not (out / "code" / "link.py").is_symlink()
+    assert (out / "code" / "link.py").read_text() == "print('model')\n"
+    assert _submit(given, Path("."), *META_FLAGS) == 1
+    assert "the current folder" in capsys.readouterr().err
+
+
+def test_gpu_budget_of_any_size_is_a_yaml_number():
+    for value in (1e16, 1e-5, 120.0, 0.0, 3.25):
+        meta = yaml.safe_load(meta_yaml(SubmissionMeta(gpu_budget=value), False, "d"))
+        assert meta["gpu_budget"] == value and isinstance(meta["gpu_budget"], float), value

@@ -172,7 +172,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> tp.NoReturn:
         found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
         if found:
-            choices = re.findall(r"'([^']*)'", found.group(2))
+            # Quoted choices up to Python 3.12.7, bare ones after (CPython gh-117766).
+            choices = [c.strip().strip("'") for c in found.group(2).split(", ")]
             close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
             if close:
                 message += f"; did you mean '{close[0]}'?"
@@ -265,7 +266,7 @@ def _add_likelihood_parser(subparsers: tp.Any) -> None:
     p.add_argument("--demo", action="store_true",
                    help="score generated minimal pairs (StoryCloze layout, written in OUT/demo_audio) with the "
                         "small seeded demo model and codec: no download, no checkpoint flag")
-    p.add_argument("--seed", type=int, default=0, help="--demo: seed of the demo model and codec")
+    p.add_argument("--seed", type=int, default=None, help="--demo: seed of the demo model and codec (default 0)")
     p.add_argument("--out", required=True, type=Path, help="output folder (created; reused to resume)")
     p.add_argument("--split", choices=SPLITS, default="dev", help="swuggy/sblimp split (test: no gold, "
                                                                   "submission only)")
@@ -343,6 +344,8 @@ def run_likelihood(args: argparse.Namespace) -> int:
     run = run_config(args)
     if args.demo:
         return _run_likelihood_demo(args, run)
+    if args.seed is not None:
+        raise UsageError("likelihood: --seed seeds the demo model: it goes with --demo (a checkpoint has its weights).")
     missing = [flag for flag, value in (("--task", args.task), ("--data", args.data)) if value is None]
     if missing:
         raise UsageError(f"likelihood: {' and '.join(missing)} required (or --demo for generated pairs and the "
@@ -460,7 +463,9 @@ def _run_likelihood_demo(args: argparse.Namespace, run: RunConfig) -> int:
                                       ("--tokenizer", args.tokenizer), ("--config", args.config),
                                       ("--mimi-config", args.mimi_config), ("--lora-weight", args.lora_weight),
                                       ("--checkpoint-dir", args.checkpoint_dir), ("--device", args.device),
-                                      ("--dtype", args.dtype)) if value is not None]
+                                      ("--dtype", args.dtype), ("--parts", args.parts)) if value is not None]
+    given += ["--no-fuse-lora"] if not args.fuse_lora else []
+    given += [f"--split {args.split}"] if args.split != "dev" else []      # StoryCloze has no split
     if args.task not in (None, "sstorycloze"):
         given.insert(0, f"--task {args.task}")
     if given:
@@ -468,7 +473,8 @@ def _run_likelihood_demo(args: argparse.Namespace, run: RunConfig) -> int:
                          f"drop {', '.join(given)}.")
     _check_loggers(args)
     config = _likelihood_config(args, "sstorycloze", run.out / "demo_audio" / "likelihood_demo")
-    return _run_demo_pairs(args, run, config, args.seed, args.seed)[0]
+    seed = 0 if args.seed is None else args.seed
+    return _run_demo_pairs(args, run, config, seed, seed)[0]
 
 
 def run_check_streaming(args: argparse.Namespace) -> int:

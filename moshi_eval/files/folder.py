@@ -21,6 +21,7 @@ from pathlib import Path
 import typing as tp
 
 from ..errors import MoshiEvalError
+from ..scoring import SCORING_VERSION
 from .atomic import atomic_write, json_form, json_safe
 from .hashing import file_sha256
 from .lock import OutputBusyError, OutputLock, SharedLock
@@ -141,16 +142,17 @@ class OutputFolder:
             self._lock = None
 
     def check_config(self, config: dict) -> bool:
-        """Store `{"task": task, **config}` in `config.json`, or check it equals the stored one.
+        """Store `{"task": task, "scoring_version": SCORING_VERSION, **config}` in `config.json`, or check it
+        equals the stored one (units scored by another version of the scoring path are never mixed in).
 
         Returns True when the folder already holds this configuration (a resume). A stored configuration
         without any result (a run that failed early) is replaced.
         Raises ConfigMismatchError: the folder holds a run of another task or configuration (names the keys),
         or results without a `config.json`.
         """
-        if "task" in config:
-            raise ValueError("config: the key 'task' is the folder's own (the task name)")
-        full = json_form({"task": self.task, **config})
+        if "task" in config or "scoring_version" in config:
+            raise ValueError("config: the keys 'task' and 'scoring_version' are the folder's own")
+        full = json_form({"task": self.task, "scoring_version": SCORING_VERSION, **config})
         self.config, self.config_sha256 = full, digest(full)
         path = self.path / CONFIG_JSON
         protected = has_units(self.path)
@@ -169,6 +171,14 @@ class OutputFolder:
         if stored_task != self.task:
             raise ConfigMismatchError(f"--out {self.path} holds a {stored_task} run, and this is a {self.task} run: "
                                       "use another --out (nothing was changed there).")
+        if stored.get("scoring_version") != SCORING_VERSION and \
+                {k: v for k, v in stored.items() if k != "scoring_version"} == \
+                {k: v for k, v in full.items() if k != "scoring_version"}:
+            raise ConfigMismatchError(
+                f"--out {self.path} holds results of an earlier version of the scoring (scoring_version "
+                f"{stored.get('scoring_version', 1)}, now {SCORING_VERSION}), whose numbers differ from this one's "
+                "at float rounding level: they are not mixed. Use another --out for this version (compare works "
+                "across them).")
         if stored != full:
             raise ConfigMismatchError(f"--out {self.path} holds results of another configuration "
                                       f"({_format_differences(stored, full)}). Use another --out, or delete "

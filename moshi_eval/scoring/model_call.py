@@ -81,9 +81,9 @@ def score_model(ranks: distributed.Ranks, lm_model: torch.nn.Module, fn: tp.Call
 
 @contextmanager
 def torch_threads(threads: int | None) -> tp.Iterator[None]:
-    """torch's intra-op CPU threads set to `threads` for the block (None: unchanged), restored after. The numbers
-    of a CPU run depend on it at rounding level (the reduction order): a CLI rerun of a training loop's eval is
-    bitwise only with the same count."""
+    """torch's intra-op CPU threads set to `threads` for the block (None: unchanged), restored after. torch does
+    not promise the same numbers for another count (here, scoring with 1 to 8 threads gave bitwise the same), and
+    the speed depends on it: pinning it lets a CLI rerun run as the training loop's eval did."""
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -115,9 +115,13 @@ def scoring_mode(lm_model: torch.nn.Module) -> tp.Iterator[None]:
     `[N, T, D]` input that is not viewable as `[N * T, D]` (the depformer's per-codebook slices `x[:, k:k + 1]`
     in its multi-linear layers) into one matrix product only for a weight that requires grad; for a frozen one it
     multiplies by the weight expanded `N` times (`bmm`), much slower on a CPU (bench/dialogue.py, 118M model: the
-    whole evaluation at 0.51x of a batched forward with the flags off, 0.89x with them on)."""
+    whole evaluation at 0.51x of a batched forward with the flags off, 0.89x with them on).
+
+    Parameters made under `torch.inference_mode()` (inference tensors) are left as they are: torch refuses the
+    flag on outside that mode, and takes its other kernels for them whatever the flag, so such a model scores
+    like a frozen one (equal to a normal model up to float rounding, not bitwise; slower on a CPU)."""
     modes = [(module, module.training) for module in lm_model.modules()]
-    flags = [(param, param.requires_grad) for param in lm_model.parameters()]
+    flags = [(param, param.requires_grad) for param in lm_model.parameters() if not param.is_inference()]
     try:
         lm_model.eval()
         for param, _ in flags:

@@ -484,8 +484,8 @@ class DialogueEvaluator:
             against one frame per call first (once per model structure).
         progress: a tqdm bar over the batches (rank 0).
         report_at: frames at which `audio_ce@F` and `text_ce@F` are reported (means over F +- 12 frames).
-        threads: torch CPU threads for the call (None: as they are; restored after): a CLI rerun gives bitwise
-            the same numbers with the same count (results.json's `runtime.threads` records it).
+        threads: torch CPU threads for the call (None: as they are; restored after; `runtime.threads` records it),
+            as `LibriLightConfig.threads`.
     Raises:
         TypeError: `batches` is a one-shot iterator or not iterable; ValueError: no batch; ConfigError: a bad option.
     """
