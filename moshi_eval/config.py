@@ -19,13 +19,17 @@ import typing as tp
 
 from moshi_patch.driver import TEXT_MODES
 
-from .data.benchmarks import SALMON_PARTS, SPLITS, TASKS
 from .errors import EXIT_USAGE, MoshiEvalError
 from .scoring.loss import DEFAULT_FIRST_CODEBOOK_WEIGHT
 from .scoring.sequences import DEFAULT_CHUNK, USER_STREAMS
 from .stats.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .stats.metrics import DEFAULT_BUCKET, DEFAULT_HALF_WINDOW, DEFAULT_REPORT_AT
 
+# The likelihood benchmarks, their splits and SALMon's parts (what `data.benchmarks` reads).
+TASKS = ("swuggy", "sblimp", "sstorycloze", "tstorycloze", "salmon")
+SPLITS = ("dev", "test")
+SALMON_PARTS = ("bg_alignment", "bg_all_consistency", "bg_domain_consistency", "gender_consistency",
+                "rir_consistency", "sentiment_alignment", "sentiment_consistency", "speaker_consistency")
 # The dialogue task's text lengths (moshi-finetune's quirk on partial windows, or the audio's) and its default
 # window: moshi-finetune's example config (duration_sec: 100).
 TEXT_LENGTHS = ("finetune", "audio")

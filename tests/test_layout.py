@@ -1,11 +1,22 @@
-"""The layout of the eval package: the command line on top, no import cycle, no private name borrowed across
-modules, moshi_patch independent of the eval (read from the source by `helpers.import_graph`)."""
-from helpers.import_graph import cycles, imports, module_edges
+"""The layout of the eval package: the command line on top, no import cycle (between modules or rooms), no private
+name borrowed across modules, moshi_patch independent of the eval (read from the source by `helpers.import_graph`)."""
+from helpers.import_graph import cycles, imports, module_edges, room
 
 
 def test_no_import_cycle_between_modules():
     assert cycles(module_edges("moshi_eval")) == []
     assert cycles(module_edges("moshi_patch")) == []
+
+
+def test_no_import_cycle_between_rooms():
+    """Data flows one way between the rooms too (data, scoring, stats, tasks, files, compare, cli, and the modules
+    beside them): a room never imports, through any module, a room that imports it."""
+    rooms: dict[str, set[str]] = {}
+    for a, targets in module_edges("moshi_eval").items():
+        for b in targets:
+            if room(a) != room(b):
+                rooms.setdefault(room(a), set()).add(room(b))
+    assert cycles(rooms) == []
 
 
 def test_nothing_below_the_command_line_imports_it():

@@ -30,8 +30,9 @@ import typing as tp
 
 from .. import distributed, loggers
 from ..checkpoint import LoadedCheckpoint, resolve_checkpoint
-from ..config import (DEFAULT_DURATION, TEXT_LENGTHS, CheckStreamingConfig, DialogueConfig, LibriLightConfig,
-                      LikelihoodConfig, ModelSource, RunConfig, default_cache_dir, from_values)
+from ..config import (DEFAULT_DURATION, TEXT_LENGTHS, CheckStreamingConfig, ConfigError, DialogueConfig,
+                      LibriLightConfig, LikelihoodConfig, ModelSource, RunConfig, default_cache_dir, frame_list,
+                      from_values, non_negative_int, positive_float, positive_int)
 from ..distributed import from_environment, rank_device
 from ..errors import EXIT_INTERRUPTED, MoshiEvalError, UsageError
 from ..files.hashing import FileHasher
@@ -49,40 +50,31 @@ from . import zr2021 as zr2021_command
 from .checkpoint_arguments import add_checkpoint_arguments
 
 
-def _int_at_least(minimum: int, what: str) -> tp.Callable[[str], int]:
-    def parse(value: str) -> int:
+T = tp.TypeVar("T")
+
+
+def _argument_type(parse: tp.Callable[[str], T], validate: tp.Callable[[str, T], tp.Any],
+                   expected: str) -> tp.Callable[[str], T]:
+    """An argparse type: the text parsed by `parse`, then checked by the configuration's own validator (one
+    owner per rule: `moshi_eval.config`), so that a flag refuses what its configuration field refuses."""
+    def convert(text: str) -> T:
         try:
-            n = int(value)
-        except ValueError:
-            n = minimum - 1
-        if n < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
-        return n
-    return parse
+            value = parse(text)
+            validate("value", value)
+        except (ValueError, ConfigError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        return value
+    return convert
 
 
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "an integer >= 0")
+def _frames(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    if not (x > 0 and x != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value!r}")
-    return x
-
-
-def _frame_list(value: str) -> tuple[int, ...]:
-    try:
-        frames = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated frame counts like 8000,16000, got {value!r}")
-    if not frames or any(f < 0 for f in frames):
-        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative frame counts, got {value!r}")
-    return frames
+_positive_int = _argument_type(int, positive_int, "a positive integer")
+_non_negative_int = _argument_type(int, non_negative_int, "an integer >= 0")
+_positive_float = _argument_type(float, positive_float, "a finite positive number")
+_frame_list = _argument_type(_frames, frame_list, "comma-separated non-negative frame counts like 8000,16000")
 
 
 def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int, ...], window: int,

@@ -39,13 +39,10 @@ from pathlib import Path
 import re
 import typing as tp
 
+from ..config import SALMON_PARTS, SPLITS, TASKS
 from ..data.librilight import AUDIO_EXTENSIONS, AudioReadError, DataError, check_audio_file, read_header
 
-TASKS = ("swuggy", "sblimp", "sstorycloze", "tstorycloze", "salmon")
-SPLITS = ("dev", "test")
 ZEROSPEECH_PART = {"swuggy": "lexical", "sblimp": "syntactic"}
-SALMON_PARTS = ("bg_alignment", "bg_all_consistency", "bg_domain_consistency", "gender_consistency",
-                "rir_consistency", "sentiment_alignment", "sentiment_consistency", "speaker_consistency")
 GOLD_COLUMNS = {
     "lexical": ("id", "filename", "voice", "frequency", "length", "correct"),
     "syntactic": ("id", "filename", "voice", "type", "subtype", "correct"),
