@@ -26,6 +26,7 @@ GPU budget) are written empty unless given, so that the validator refuses the fo
 """
 from dataclasses import dataclass, field
 import json
+import math
 import os
 from pathlib import Path
 import shutil
@@ -145,7 +146,7 @@ def check_scores(text: str, where: str) -> int:
             score = float(fields[1])
         except ValueError:
             raise SubmissionError(f"{where}, line {number}: the score {fields[1]!r} is not a number.") from None
-        if score != score or score in (float("inf"), float("-inf")):
+        if not math.isfinite(score):
             raise SubmissionError(f"{where}, line {number}: the score of {fields[0]} is {fields[1]}.")
         if fields[0] in names:
             raise SubmissionError(f"{where}, line {number}: {fields[0]} is listed twice.")
@@ -219,7 +220,7 @@ def _plan(parts: list[_Part]) -> tuple[dict[tuple[str, str], _Part], list[str]]:
 def _yaml(value: tp.Any) -> str:
     """A scalar as YAML 1.1 (the validator's PyYAML) reads it back: JSON scalars, a quoted string stays a string
     (an unquoted `off` or `no` would not), and a float always has a dot (PyYAML reads `1e+16` as a string)."""
-    if isinstance(value, float) and not isinstance(value, bool):
+    if isinstance(value, float):
         text = repr(value)
         mantissa, e, exponent = text.partition("e")
         return (mantissa if "." in mantissa else mantissa + ".0") + (e + exponent if e else "")

@@ -1,17 +1,16 @@
 """Real checkpoints without silent errors: LoRA adapters (moshi-finetune's shapes), merged weights under a
 `lora: true` config, moshi-finetune checkpoint folders, parameters no file sets, content identity, and the
 supported moshi versions."""
-import json
 from pathlib import Path
 import shutil
 
 import pytest
 import torch
 from moshi.models import loaders
-from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
+from moshi.modules.lora import LoRALinear
 from safetensors.torch import load_file, save_file
 
-from helpers.checkpoint_factory import write_tiny_checkpoint
+from helpers.checkpoint_factory import write_lora_adapters, write_tiny_checkpoint
 from helpers.lm_factory import random_codes
 from moshi_eval.checkpoint import CheckpointError, resolve_checkpoint
 from moshi_eval.cli.commands import build_parser, main
@@ -42,23 +41,7 @@ def finetuned(tmp_path_factory):
     moshi's own `replace_all_linear_with_lora`), and the merged model computed independently."""
     root = tmp_path_factory.mktemp("lora")
     base = write_tiny_checkpoint(root / "base")
-    config = json.loads(base["config_path"].read_text())
-    lora_config = root / "lora_config.json"
-    lora_config.write_text(json.dumps(dict(config, lora=True, lora_rank=RANK, lora_scaling=SCALING)))
-
-    torch.manual_seed(5)
-    model = loaders.get_moshi_lm(str(base["moshi_weights"]), lm_kwargs=base["lm_config"], device="cpu",
-                                 dtype=torch.float32)
-    replace_all_linear_with_lora(model, RANK, SCALING, device="cpu")
-    adapters = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            for part in (module.lora_A, module.lora_B):
-                torch.nn.init.normal_(part.weight, std=0.05)
-            adapters[f"{name}.lora_A.weight"] = module.lora_A.weight.detach().clone()
-            adapters[f"{name}.lora_B.weight"] = module.lora_B.weight.detach().clone()
-    lora_weights = root / "lora.safetensors"
-    save_file(adapters, str(lora_weights))
+    lora_config, lora_weights, model = write_lora_adapters(base, root, RANK, SCALING, std=0.05)
 
     # Independent merge: W + scaling * B @ A (LoRALinear.merge_weight) into a plain model.
     merged_state = {}
@@ -77,7 +60,7 @@ def finetuned(tmp_path_factory):
                                       dtype=torch.float32)
     return {"root": root, "base": base, "lora_config": lora_config, "lora_weights": lora_weights,
             "merged": merged.eval(), "merged_weights": merged_weights, "base_model": base_model.eval(),
-            "num_lora_layers": len(adapters) // 2}
+            "num_lora_layers": sum(isinstance(m, LoRALinear) for m in model.modules())}
 
 
 def _logits(lm, seed: int = 0) -> torch.Tensor:

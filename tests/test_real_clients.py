@@ -9,10 +9,10 @@ import pytest
 import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
-from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
+from moshi.modules.lora import LoRALinear
 from safetensors.torch import load_file, save_file
 
-from helpers.checkpoint_factory import load_tiny_checkpoint, write_tiny_checkpoint
+from helpers.checkpoint_factory import load_tiny_checkpoint, write_lora_adapters, write_tiny_checkpoint
 from helpers.lm_factory import make_lm, random_codes
 from moshi_eval.checkpoint import CheckpointError, resolve_checkpoint
 from moshi_eval.config import ModelSource
@@ -34,25 +34,9 @@ def lora(tmp_path_factory):
     update, about one bfloat16 ulp of the weights."""
     root = tmp_path_factory.mktemp("lora_bf16")
     base = write_tiny_checkpoint(root / "base")
-    config = json.loads(base["config_path"].read_text())
-    lora_config = root / "lora_config.json"
-    lora_config.write_text(json.dumps(dict(config, lora=True, lora_rank=RANK, lora_scaling=SCALING)))
     bf16_weights = root / "model_bf16.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(base["moshi_weights"])).items()}, str(bf16_weights))
-
-    torch.manual_seed(5)
-    model = loaders.get_moshi_lm(str(base["moshi_weights"]), lm_kwargs=base["lm_config"], device="cpu",
-                                 dtype=torch.float32)
-    replace_all_linear_with_lora(model, RANK, SCALING, device="cpu")
-    adapters = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            for part in ("lora_A", "lora_B"):
-                weight = getattr(module, part).weight
-                torch.nn.init.normal_(weight, std=0.01)
-                adapters[f"{name}.{part}.weight"] = weight.detach().clone()
-    lora_weights = root / "lora.safetensors"
-    save_file(adapters, str(lora_weights))
+    lora_config, lora_weights, _ = write_lora_adapters(base, root, RANK, SCALING, std=0.01)
     return {"base": base, "lora_config": lora_config, "lora_weights": lora_weights, "bf16_weights": bf16_weights}
 
 

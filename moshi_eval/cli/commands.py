@@ -110,6 +110,11 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser, report_at: tuple[int
                              "runs over a chunk at once, with the same per-frame losses; 1 = one step per frame")
     parser.add_argument("--strict", action="store_true",
                         help="fail on an unreadable audio file instead of skipping its book")
+    _add_run_arguments(parser, threads)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, threads: int | None = None) -> None:
+    """The flags of how a scoring command runs, the same for every task (`RunConfig`, `verify_streaming`)."""
     parser.add_argument("--no-verify-streaming", dest="verify_streaming", action="store_false",
                         help="skip the check made first on a model with streaming layers this project does not "
                              "know (their chunked path against one frame per call, a few seconds)")
@@ -271,18 +276,12 @@ def _add_likelihood_parser(subparsers: tp.Any) -> None:
                    help="user audio stream: Mimi codes of digital silence (default), or zero (-1, no input)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="files scored together, batched by length")
     p.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, help="frames per streaming call")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--cache-dir", type=Path, default=None, help=f"Mimi code cache (default {default_cache_dir()})")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the code cache")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--bootstrap", type=_non_negative_int, default=DEFAULT_RESAMPLES,
                    help="bootstrap resamples of the averaging units (ids, stories, samples); 0: no interval")
     p.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED, help="seed of the bootstrap resamples")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N pairs only: a smoke run")
     p.add_argument("--strict", action="store_true", help="fail on any skipped file or pair instead of listing it")
-    p.add_argument("--no-verify-streaming", dest="verify_streaming", action="store_false",
-                   help="skip the check made first on a model with streaming layers this project does not know "
-                        "(their chunked path against one frame per call, a few seconds)")
+    _add_run_arguments(p)
     _add_logging_arguments(p)
     p.set_defaults(func=run_likelihood)
 
@@ -310,12 +309,7 @@ def _add_dialogues_parser(subparsers: tp.Any) -> None:
     p.add_argument("--drop-last", action="store_true", help="drop a trailing batch smaller than --batch-size")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="first N batches only (moshi-finetune: 40)")
     p.add_argument("--report-at", type=_frame_list, default=(), help="frames of dialogue/audio_ce@F")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--cache-dir", type=Path, default=None, help=f"Mimi code cache (default {default_cache_dir()})")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the code cache")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-verify-streaming", dest="verify_streaming", action="store_false",
-                   help="skip the check made first on a model with streaming layers this project does not know")
+    _add_run_arguments(p)
     _add_logging_arguments(p)
     p.set_defaults(func=run_dialogues)
 

@@ -144,6 +144,32 @@ def write_tiny_checkpoint(directory: str | Path, seed: int = 0, card: int = 64,
     }
 
 
+def write_lora_adapters(base: dict, root: Path, rank: int, scaling: float, std: float,
+                        seed: int = 5) -> tuple[Path, Path, tp.Any]:
+    """LoRA adapters for the tiny checkpoint `base` in moshi-finetune's layout: moshi's own
+    `replace_all_linear_with_lora` on the base model, every A and B drawn from N(0, std) (seeded), saved as
+    `root/lora.safetensors`, with `root/lora_config.json` (the base config saying `lora: true`). Returns the two
+    paths and the LoRA model itself."""
+    from moshi.modules.lora import LoRALinear, replace_all_linear_with_lora
+    lora_config = root / "lora_config.json"
+    config = json.loads(base["config_path"].read_text())
+    lora_config.write_text(json.dumps(dict(config, lora=True, lora_rank=rank, lora_scaling=scaling)))
+    torch.manual_seed(seed)
+    model = loaders.get_moshi_lm(str(base["moshi_weights"]), lm_kwargs=base["lm_config"], device="cpu",
+                                 dtype=torch.float32)
+    replace_all_linear_with_lora(model, rank, scaling, device="cpu")
+    adapters = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(module, part).weight
+                torch.nn.init.normal_(weight, std=std)
+                adapters[f"{name}.{part}.weight"] = weight.detach().clone()
+    lora_weights = root / "lora.safetensors"
+    save_file(adapters, str(lora_weights))
+    return lora_config, lora_weights, model
+
+
 def load_tiny_checkpoint(files: dict, dtype: torch.dtype = torch.float32):
     """(lm, mimi, tokenizer) from `write_tiny_checkpoint`'s files through moshi's real `CheckpointInfo`."""
     info = loaders.CheckpointInfo.from_hf_repo(
